@@ -1,0 +1,98 @@
+"""Model cards for explanation vectors and self-explaining models, rendered from `model_cards/` templates."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+if TYPE_CHECKING:
+    from .explanation_vector import ExplanationVectorConfig
+
+TAGS = ["selfexplain", "explainability", "vision-transformer", "image-classification"]
+
+
+def _template(name: str) -> str:
+    return resources.files("selfexplain").joinpath("model_cards", name).read_text(encoding="utf-8")
+
+
+def _metrics_table(metrics: dict[str, Any] | None) -> str:
+    if not metrics:
+        return ""
+    rows = ["| metric | value |", "|---|---|"]
+    for key, value in metrics.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        rows.append(f"| {key} | {shown} |")
+    return "\n".join(rows)
+
+
+def render_vector_card(config: ExplanationVectorConfig, repo_id: str | None = None) -> ModelCard:
+    """The `README.md` of an explanation vector repo (metadata the Hub understands + usage + limitations)."""
+    provenance = dict(config.provenance)
+    source_dataset = provenance.get("source_dataset")
+    card_data = ModelCardData(
+        library_name="selfexplain",
+        base_model=config.base_model,
+        pipeline_tag="image-classification",
+        tags=list(TAGS) + ["explanation-vector", "task-arithmetic"],
+        datasets=[source_dataset] if isinstance(source_dataset, str) and "/" in source_dataset else None,
+        license=provenance.get("license", "apache-2.0"),
+        base_model_relation="adapter" if config.base_model else None,
+    )
+    num_parameters = sum(_numel(spec["shape"]) for spec in config.tensors.values())
+    return ModelCard.from_template(
+        card_data,
+        template_str=_template("explanation_vector.md"),
+        title=f"Explanation vector{f' for {config.base_model}' if config.base_model else ''}",
+        repo_id=repo_id or provenance.get("repo_id") or "me/explanation-vector",
+        base_model=config.base_model,
+        base_model_revision=config.base_model_revision,
+        source_dataset=source_dataset,
+        explanation_loss_weight=provenance.get("explanation_loss_weight"),
+        explanation_loss=provenance.get("explanation_loss"),
+        targets=provenance.get("targets"),
+        recipe=provenance.get("recipe"),
+        num_tensors=len(config.tensors),
+        num_parameters=f"{num_parameters:,}",
+        key_patterns=provenance.get("include", "vit.*"),
+        storage_dtype=config.storage_dtype,
+        recommended_alpha=config.recommended_alpha,
+        metrics_table=_metrics_table(provenance.get("metrics")),
+    )
+
+
+def render_model_card(
+    repo_id: str,
+    *,
+    base_model: str | None = None,
+    applied_vector: str | None = None,
+    alpha: float | None = None,
+    metrics: dict[str, Any] | None = None,
+    label_names: list[str] | None = None,
+) -> ModelCard:
+    """The `README.md` of a self-explaining model repo."""
+    card_data = ModelCardData(
+        library_name="transformers",
+        base_model=base_model,
+        pipeline_tag="image-classification",
+        tags=list(TAGS) + ["self-explaining"],
+        license="apache-2.0",
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_str=_template("self_explaining_model.md"),
+        title=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        applied_vector=applied_vector,
+        alpha=alpha,
+        metrics_table=_metrics_table(metrics),
+        label_names=label_names,
+    )
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,29 @@
+"""The exceptions selfexplain raises for bad explanation vectors and incompatible models.
+
+All derive from `ExplanationVectorError`, itself a `ValueError`, so `except ValueError` keeps working for
+callers that do not care about the details.
+"""
+
+
+class ExplanationVectorError(ValueError):
+    """Base class of every error about an explanation vector or the model it is applied to."""
+
+
+class InvalidExplanationVectorError(ExplanationVectorError):
+    """The files of a vector are missing, corrupt, or inconsistent with its config."""
+
+
+class NotAnExplanationVectorError(InvalidExplanationVectorError):
+    """The repository or folder holds something else (for example a model) where a vector was expected."""
+
+
+class IncompatibleExplanationVectorError(ExplanationVectorError):
+    """The vector and the model differ in architecture, keys or shapes; nothing was changed."""
+
+
+__all__ = [
+    "ExplanationVectorError",
+    "IncompatibleExplanationVectorError",
+    "InvalidExplanationVectorError",
+    "NotAnExplanationVectorError",
+]

@@ -1,0 +1,283 @@
+# Copyright 2026 The selfexplain developers. Licensed under the Apache License, Version 2.0.
+"""A Vision Transformer classifier that explains its own predictions in the same forward pass.
+
+This file only imports `torch` and `transformers` on purpose: `save_pretrained` copies it next to the
+weights so that a pushed model also loads with
+`AutoModelForImageClassification.from_pretrained(repo, trust_remote_code=True)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import ViTConfig
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.vit.modeling_vit import ViTModel, ViTPreTrainedModel
+from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
+
+#: Settings the self-explaining model reads from a stock `ViTConfig`, with the value used when a
+#: config (for example the config of a plain `ViTForImageClassification`) does not carry them.
+SELF_EXPLAINING_CONFIG_DEFAULTS: dict[str, object] = {
+    # λ: weight of the explanation loss in `loss = classification + λ · explanation`.
+    "explanation_loss_weight": 1.0,
+    # "mse": mean squared error against targets multiplied by `explanation_target_scale`;
+    # "pearson": 1 − Pearson correlation over the player grid, per image and class (scale- and shift-free).
+    "explanation_loss": "mse",
+    # Targets are Shapley values of class *probabilities*: they sum to f(x) − f(baseline) and are therefore
+    # tiny per patch. Multiplying them by the number of players puts them on the scale of one whole-image
+    # probability change, which is the scale the shared classifier head produces for a single token.
+    "explanation_target_scale": "num_players",
+}
+
+ExplainSpec = str | int | Sequence[int] | torch.Tensor | None
+
+
+@dataclass
+class SelfExplainingImageClassifierOutput(ModelOutput):
+    """Output of [`ViTForSelfExplainingClassification`].
+
+    Args:
+        loss: `classification_loss + λ · explanation_loss` (whichever parts were computed).
+        logits: `(batch, num_labels)` class scores from the CLS token, identical to `ViTForImageClassification`.
+        explanation: per-patch scores on the patch grid: `(batch, grid_h, grid_w)` when one class per image
+            was explained (the default: the predicted class), `(batch, num_explained, grid_h, grid_w)` otherwise.
+        explained_classes: the class indices the explanation is for: `(batch,)` or `(batch, num_explained)`.
+        classification_loss: the classification part of `loss`, when `labels` were given.
+        explanation_loss: the (unweighted) explanation part of `loss`, when `explanation_targets` were given.
+        hidden_states: as in `ViTForImageClassification`, when `output_hidden_states=True`.
+        attentions: as in `ViTForImageClassification`, when `output_attentions=True`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    explanation: torch.FloatTensor | None = None
+    explained_classes: torch.LongTensor | None = None
+    classification_loss: torch.FloatTensor | None = None
+    explanation_loss: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class ViTForSelfExplainingClassification(ViTPreTrainedModel):
+    """`ViTForImageClassification` that also returns a per-patch explanation, at almost no extra cost.
+
+    The final, layer-normed patch tokens are scored by the *same* linear classifier that scores the CLS token
+    (`explanation[b, c, j] = W_c · h_j + b_c`). Nothing is added to the model, so any `ViTForImageClassification`
+    checkpoint loads with no missing or unexpected keys and produces identical logits, and a prediction-only
+    model and a self-explaining model trained from the same base have identical parameter sets: their
+    difference, the *explanation vector*, lives on the backbone.
+
+    Example:
+        ```python
+        >>> from selfexplain import ViTForSelfExplainingClassification
+        >>> model = ViTForSelfExplainingClassification.from_pretrained("org/vit-finetuned")  # any ViT classifier
+        >>> out = model(pixel_values)                 # logits + map of the predicted class
+        >>> out.explanation.shape                     # (batch, grid_h, grid_w)
+        >>> out = model(pixel_values, explain="all")  # (batch, num_labels, grid_h, grid_w)
+        >>> out = model(pixel_values, explain=[3, 7]) # chosen classes; explain=None for none
+        ```
+    """
+
+    def __init__(self, config: ViTConfig):
+        for key, value in SELF_EXPLAINING_CONFIG_DEFAULTS.items():
+            if not hasattr(config, key):
+                setattr(config, key, value)
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vit = ViTModel(config, add_pooling_layer=False)
+        if config.num_labels <= 0:
+            raise ValueError(
+                "ViTForSelfExplainingClassification needs `num_labels > 0`: the classifier scores the patches."
+            )
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        explanation_targets: torch.Tensor | None = None,
+        explain: ExplainSpec = "predicted",
+        interpolate_pos_encoding: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SelfExplainingImageClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch,)`, *optional*):
+            Class labels for the classification loss (same semantics as `ViTForImageClassification`).
+        explanation_targets (`torch.FloatTensor`, *optional*):
+            Target patch attributions (e.g. Kernel SHAP values) on a player grid `(gh, gw)` that is the patch grid
+            or a coarser grid dividing it: `(batch, num_labels, gh, gw)` for every class, or `(batch, gh, gw)` for
+            the class in `labels` (required then). Adds `λ · explanation_loss` to the loss.
+        explain (`str`, `int`, `Sequence[int]`, `torch.LongTensor` or `None`, defaults to `"predicted"`):
+            Which explanation to return: `"predicted"` (the argmax class of each image), `"all"` classes, one
+            class index for every image, a list of class indices (the same for every image), a `(batch,)` tensor
+            (one class per image) or a `(batch, k)` tensor, or `None` (no explanation).
+        """
+        if pixel_values is None:
+            raise ValueError("You have to specify `pixel_values`.")
+        outputs: BaseModelOutputWithPooling = self.vit(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
+        sequence_output = outputs.last_hidden_state
+        logits = self.classifier(sequence_output[:, 0, :])
+
+        patch_tokens = sequence_output[:, 1:, :]
+        grid = self.patch_grid(pixel_values)
+
+        explanation, explained_classes = None, None
+        if explain is not None:
+            explained_classes = self._resolve_explained_classes(explain, logits)
+            explanation = self._score_patches(patch_tokens, explained_classes, grid)
+
+        classification_loss = None
+        if labels is not None:
+            classification_loss = self.loss_function(labels, logits, self.config)
+
+        explanation_loss = None
+        if explanation_targets is not None:
+            explanation_loss = self.explanation_loss(patch_tokens, grid, explanation_targets, labels)
+
+        loss = None
+        if classification_loss is not None or explanation_loss is not None:
+            loss = classification_loss if classification_loss is not None else logits.new_zeros(())
+            if explanation_loss is not None:
+                loss = loss + float(self.config.explanation_loss_weight) * explanation_loss
+
+        return SelfExplainingImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            explanation=explanation,
+            explained_classes=explained_classes,
+            classification_loss=classification_loss,
+            explanation_loss=explanation_loss,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def patch_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """The `(grid_h, grid_w)` patch grid of an input, following its real size (not `config.image_size`)."""
+        patch = self.config.patch_size
+        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        return pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw
+
+    def _resolve_explained_classes(self, explain: ExplainSpec, logits: torch.Tensor) -> torch.Tensor:
+        batch, num_labels = logits.shape
+        if isinstance(explain, str):
+            if explain == "predicted":
+                classes = logits.argmax(dim=-1)
+            elif explain == "all":
+                classes = torch.arange(num_labels, device=logits.device).expand(batch, num_labels)
+            else:
+                raise ValueError(
+                    f'`explain` must be "predicted", "all", class indices or None, got {explain!r}.'
+                )
+        elif isinstance(explain, int):
+            classes = torch.full((batch,), explain, dtype=torch.long, device=logits.device)
+        elif isinstance(explain, torch.Tensor):
+            classes = explain.to(device=logits.device, dtype=torch.long)
+            if classes.dim() not in (1, 2) or classes.shape[0] != batch:
+                raise ValueError(
+                    f"A tensor `explain` must be shaped (batch,) or (batch, k) with batch={batch}, got {tuple(classes.shape)}."
+                )
+        else:
+            classes = torch.as_tensor(list(explain), dtype=torch.long, device=logits.device).expand(batch, -1)
+        if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= num_labels):
+            raise ValueError(f"`explain` asks for class indices outside [0, {num_labels - 1}]: {explain!r}.")
+        return classes
+
+    def _score_patches(
+        self, patch_tokens: torch.Tensor, classes: torch.Tensor, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        """Score patch tokens with the classifier rows of `classes` only: O(N·D) per requested class."""
+        weight = self.classifier.weight[classes]  # (B, D) or (B, K, D)
+        bias = self.classifier.bias[classes]
+        if classes.dim() == 1:
+            scores = torch.einsum("bnd,bd->bn", patch_tokens, weight) + bias[:, None]
+            return scores.reshape(-1, *grid)
+        scores = torch.einsum("bnd,bkd->bkn", patch_tokens, weight) + bias[..., None]
+        return scores.reshape(scores.shape[0], scores.shape[1], *grid)
+
+    def explanation_loss(
+        self,
+        patch_tokens: torch.Tensor,
+        grid: tuple[int, int],
+        explanation_targets: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss between the shared-head patch scores and target attributions (see `forward`)."""
+        batch = patch_tokens.shape[0]
+        targets = explanation_targets.to(patch_tokens.dtype)
+        if targets.dim() == 3:
+            if labels is None:
+                raise ValueError(
+                    "`explanation_targets` for one class per image `(batch, gh, gw)` need `labels`."
+                )
+            classes = labels.to(torch.long).view(batch)
+            targets = targets[:, None]
+            classes = classes[:, None]
+        elif targets.dim() == 4:
+            if targets.shape[1] != self.config.num_labels:
+                raise ValueError(
+                    f"`explanation_targets` has {targets.shape[1]} classes, the model has {self.config.num_labels}."
+                )
+            classes = torch.arange(self.config.num_labels, device=patch_tokens.device).expand(batch, -1)
+        else:
+            raise ValueError(
+                "`explanation_targets` must be (batch, num_labels, gh, gw) or (batch, gh, gw), "
+                f"got {tuple(explanation_targets.shape)}."
+            )
+        scores = self._score_patches(patch_tokens, classes, grid)  # (B, K, grid_h, grid_w)
+        scores = pool_to_player_grid(scores, tuple(targets.shape[-2:]))
+        num_players = targets.shape[-1] * targets.shape[-2]
+
+        kind = self.config.explanation_loss
+        if kind == "mse":
+            scale = self.config.explanation_target_scale
+            scale = float(num_players) if scale == "num_players" else float(scale)
+            return F.mse_loss(scores, targets * scale)
+        if kind == "pearson":
+            return (1.0 - _pearson(scores.flatten(2), targets.flatten(2))).mean()
+        raise ValueError(f'Unknown `config.explanation_loss` {kind!r}; expected "mse" or "pearson".')
+
+
+def pool_to_player_grid(scores: torch.Tensor, player_grid: tuple[int, int]) -> torch.Tensor:
+    """Average patch scores `(..., grid_h, grid_w)` over the patches of each player of a coarser grid.
+
+    The patch grid must be a multiple of the player grid, so that every player covers whole patches.
+    """
+    grid = tuple(scores.shape[-2:])
+    if grid == tuple(player_grid):
+        return scores
+    if grid[0] % player_grid[0] or grid[1] % player_grid[1]:
+        raise ValueError(f"The target grid {tuple(player_grid)} must divide the patch grid {grid}.")
+    lead = scores.shape[:-2]
+    pooled = F.avg_pool2d(
+        scores.reshape(-1, 1, *grid), (grid[0] // player_grid[0], grid[1] // player_grid[1])
+    )
+    return pooled.reshape(*lead, *player_grid)
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    a = a - a.mean(dim=-1, keepdim=True)
+    b = b - b.mean(dim=-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
+
+
+ViTForSelfExplainingClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "SELF_EXPLAINING_CONFIG_DEFAULTS",
+    "SelfExplainingImageClassifierOutput",
+    "ViTForSelfExplainingClassification",
+    "pool_to_player_grid",
+]
