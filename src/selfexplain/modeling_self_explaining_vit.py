@@ -96,6 +96,8 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
             )
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
+        # transformers picks the loss from the class name; ours does not end in "ForImageClassification".
+        self.loss_type = "ForImageClassification"
 
     @can_return_tuple
     def forward(
