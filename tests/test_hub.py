@@ -89,7 +89,10 @@ def test_push_pull_apply_is_byte_exact(hub, published, vector, tmp_path):
         "org/classifier", "me/pushed-vector", revision=published["main"], alpha=1.0
     )
     manual = apply_explanation_vector(published["classifier"], pulled, alpha=1.0)
-    assert all(torch.equal(a, b) for a, b in zip(patched.state_dict().values(), manual.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(patched.state_dict().values(), manual.state_dict().values(), strict=True)
+    )
 
 
 def test_patched_model_push_to_hub_and_reload(hub, published):

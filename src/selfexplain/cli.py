@@ -208,7 +208,7 @@ def _cmd_explain(args: argparse.Namespace) -> None:
     heatmaps = explanation_to_heatmap(out.explanation, pixel_values.shape[-2:])
     results = []
     for path, image, cls, heat, logits in zip(
-        args.images, images, out.explained_classes, heatmaps, out.logits
+        args.images, images, out.explained_classes, heatmaps, out.logits, strict=True
     ):
         label = model.config.id2label.get(int(cls), str(int(cls)))
         png = args.output_dir / f"{path.stem}_explanation.png"
