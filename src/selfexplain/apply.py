@@ -9,10 +9,10 @@ import warnings
 from typing import Any
 
 import torch
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel, ViTConfig
 
 from .checkpoint_keys import serialized_names
-from .errors import IncompatibleExplanationVectorError
+from .errors import ExplanationVectorError, IncompatibleExplanationVectorError
 from .explanation_vector import FINGERPRINT_FIELDS, ExplanationVector, architecture_fingerprint
 from .modeling_self_explaining_vit import ViTForSelfExplainingClassification
 
@@ -66,6 +66,11 @@ def apply_explanation_vector(
     Raises:
         IncompatibleExplanationVectorError: the vector does not fit the model (architecture, keys or shapes);
             the message lists every difference and the model is unchanged.
+        InvalidExplanationVectorError: the vector's files are corrupt, lie, or exceed the size limits.
+        ExplanationVectorError: θ + α·τ would not be finite in the parameter's dtype (e.g. an overflowing α).
+
+    The update is all or nothing: if anything fails while an in-place update is being written (even a
+    `KeyboardInterrupt`), the parameters already written are restored before the error propagates.
 
     Example:
         ```python
@@ -113,19 +118,41 @@ def apply_explanation_vector(
             param = params[name_map[key]]
             if alpha == 0.0:
                 continue
-            new = param.detach().to(torch.float32) + alpha * delta.to(device=param.device)
-            updates[name_map[key]] = new.to(param.dtype)
+            new = (param.detach().to(torch.float32) + alpha * delta.to(device=param.device)).to(param.dtype)
+            if not torch.isfinite(new).all() and torch.isfinite(param).all():
+                raise ExplanationVectorError(
+                    f"alpha={alpha} times the vector's {key!r} makes {name_map[key]!r} overflow {param.dtype} "
+                    "(or the vector holds NaN/Inf); the model was not changed."
+                )
+            updates[name_map[key]] = new
 
     if owned or (inplace and isinstance(model, ViTForSelfExplainingClassification)):
         target = model
-        with torch.no_grad():
-            for name, value in updates.items():
-                params[name].copy_(value)
+        _copy_all_or_nothing(params, updates)
     else:
         target = _new_self_explaining_model(model, updates)
     provenance = {"vector_base_model": vector.config.base_model, "alpha": alpha}
     target.config.selfexplain_applied_vector = provenance
     return target
+
+
+def _copy_all_or_nothing(params: dict[str, torch.Tensor], updates: dict[str, torch.Tensor]) -> None:
+    """Copy each update into its parameter in place; if any copy fails, restore those already written.
+
+    Copying (rather than swapping storage) keeps every parameter's identity and storage, so optimizers, hooks
+    and views held by the caller stay valid. Each original is saved just before it is overwritten and each
+    update is dropped once written, so the peak extra memory stays one copy of the updated tensors.
+    """
+    originals: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        try:
+            for name in list(updates):
+                originals[name] = params[name].detach().clone()
+                params[name].copy_(updates.pop(name))
+        except BaseException:  # including KeyboardInterrupt: never leave a half-applied vector behind
+            for name, original in originals.items():
+                params[name].copy_(original)
+            raise
 
 
 def _validate(model: PreTrainedModel, vector: ExplanationVector) -> dict[str, str]:
@@ -158,13 +185,21 @@ def _check_config_before_loading(
     cache_dir: str | os.PathLike | None,
     local_files_only: bool,
 ) -> None:
-    """Reject an incompatible model from its config alone, before downloading its weights."""
-    from transformers import AutoConfig
+    """Reject an incompatible model from its config alone, before downloading its weights.
 
-    config = AutoConfig.from_pretrained(
+    The raw `config.json` is read as data: `AutoConfig` would consult the repo's `auto_map` and, for an unknown
+    model type, offer to run the repo's code; this never imports anything from the repo.
+    """
+    config_dict, _ = PretrainedConfig.get_config_dict(
         source, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
     )
-    problems = check_compatible(vector.config.architecture, vector.config.model_type, config)
+    model_type = config_dict.get("model_type")
+    if model_type != vector.config.model_type:
+        problems = [f"model_type: vector {vector.config.model_type!r}, model {model_type!r}"]
+    else:
+        problems = check_compatible(
+            vector.config.architecture, vector.config.model_type, ViTConfig.from_dict(config_dict)
+        )
     if problems:
         raise IncompatibleExplanationVectorError(
             f"The explanation vector (base {vector.config.base_model!r}) does not fit {source}:\n  - "

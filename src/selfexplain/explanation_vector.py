@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -24,13 +26,34 @@ from huggingface_hub.errors import RemoteEntryNotFoundError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
 
-from .checkpoint_keys import serialized_state_dict
+from .checkpoint_keys import serialized_names, serialized_state_dict
 from .errors import InvalidExplanationVectorError, NotAnExplanationVectorError
 
 VECTOR_WEIGHTS_NAME = "explanation_vector.safetensors"
 VECTOR_CONFIG_NAME = "explanation_vector_config.json"
 FORMAT_VERSION = 1
+
+# Limits on what a vector from a stranger may ask of the loader. A ViT-22B vector's config is ~100 KiB and its
+# safetensors header ~80 KiB, so these are far above real files and far below anything that hurts.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 1 << 20
+#: Deepest nesting of JSON objects/arrays accepted in a config (deeper ones exhaust recursion in deepcopy/asdict).
+MAX_JSON_DEPTH = 32
+#: Largest classifier a vector may cover (ImageNet-21k has 21,843 classes).
+MAX_NUM_LABELS = 100_000
+#: Largest value accepted for each numeric architecture field: far above any published ViT (ViT-22B has hidden
+#: size 6144 and 48 layers) and small enough that no shape derived from them overflows int64.
+ARCHITECTURE_LIMITS: dict[str, int] = {
+    "hidden_size": 1 << 16,
+    "num_hidden_layers": 1 << 12,
+    "num_attention_heads": 1 << 12,
+    "intermediate_size": 1 << 18,
+    "patch_size": 1 << 12,
+    "image_size": 1 << 14,
+    "num_channels": 1 << 10,
+}
 
 #: Config fields that must agree between a vector and a model for the vector to apply.
 FINGERPRINT_FIELDS: tuple[str, ...] = (
@@ -50,6 +73,11 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+#: The safetensors header's name for each storage dtype.
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_MAX_TENSOR_DIMS = 8
+# At most 6 digits, so `int()` of the index never meets Python's limit on long integer strings.
+_LAYER_KEY = re.compile(r"vit\.encoder\.layer\.(0|[1-9][0-9]{0,5})\.(.+)")
 
 
 def architecture_fingerprint(config: PretrainedConfig) -> dict[str, Any]:
@@ -96,6 +124,8 @@ class ExplanationVectorConfig:
                 f"{source}: format_version {version} is newer than this selfexplain supports ({FORMAT_VERSION}); "
                 "upgrade selfexplain."
             )
+        if version < 1:
+            raise InvalidExplanationVectorError(f"{source}: `format_version` must be >= 1, got {version}.")
         expected: dict[str, tuple[type, ...]] = {
             "model_type": (str,),
             "architecture": (dict,),
@@ -129,13 +159,23 @@ class ExplanationVectorConfig:
             raise InvalidExplanationVectorError(
                 f"{source}: `storage_dtype` must be one of {sorted(STORAGE_DTYPES)}, got {kwargs['storage_dtype']!r}."
             )
+        _check_architecture(kwargs["architecture"], source)
+        storage_dtype = kwargs.get("storage_dtype", "float32")
         for key, spec in kwargs["tensors"].items():
             shape = spec.get("shape") if isinstance(spec, dict) else None
-            if not isinstance(shape, list) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+            if (
+                not isinstance(shape, list)
+                or len(shape) > _MAX_TENSOR_DIMS
+                or not all(_is_int(d) and d >= 0 for d in shape)
             ):
                 raise InvalidExplanationVectorError(
-                    f"{source}: tensor {key!r} needs a `shape` list of non-negative ints."
+                    f"{source}: tensor {key!r} needs a `shape` list of at most {_MAX_TENSOR_DIMS} non-negative "
+                    f"ints, got {shape!r:.80}."
+                )
+            dtype = spec.get("dtype", storage_dtype)
+            if dtype not in STORAGE_DTYPES:
+                raise InvalidExplanationVectorError(
+                    f"{source}: tensor {key!r} has `dtype` {dtype!r:.40}; expected one of {sorted(STORAGE_DTYPES)}."
                 )
         return cls(**kwargs)
 
@@ -309,11 +349,11 @@ class ExplanationVector:
         }
         tensors = {k: v.to(dtype).contiguous() for k, v in self.tensors.items()}
         # Write to temporary names and rename, so an interrupted save never leaves a half-written vector behind.
+        # One metadata entry only: safetensors writes several in random (hash) order, and the same vector must
+        # always give the same bytes. The format version lives in the config.
         _atomic_write(
             save_directory / VECTOR_WEIGHTS_NAME,
-            lambda p: save_file(
-                tensors, str(p), metadata={"format": "pt", "selfexplain_format_version": str(FORMAT_VERSION)}
-            ),
+            lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
         )
         _atomic_write(
             save_directory / VECTOR_CONFIG_NAME,
@@ -388,16 +428,18 @@ class ExplanationVector:
     ) -> ExplanationVector:
         """Load a vector from a local folder or a Hub repo id (only safetensors and JSON are ever read)."""
         source = str(pretrained_vector_name_or_path)
-        config_path, weights_path = _resolve_vector_files(
-            source,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            token=token,
-            force_download=force_download,
-        )
-        config = _read_config(config_path, source)
-        tensors = _read_tensors(weights_path, config, source)
+        download_kwargs = {
+            "revision": revision,
+            "cache_dir": cache_dir,
+            "local_files_only": local_files_only,
+            "token": token,
+            "force_download": force_download,
+        }
+        # The config is read and checked against the architecture before the weights are even downloaded, so a
+        # vector that declares more than its architecture can hold never costs a download, a read or memory.
+        config = _read_config(_resolve_config_file(source, download_kwargs), source)
+        _check_declared_tensors(config, f"{source}/{VECTOR_CONFIG_NAME}")
+        tensors = _read_tensors(_resolve_weights_file(source, download_kwargs), config, source)
         return cls(tensors, config)
 
 
@@ -430,29 +472,36 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _resolve_vector_files(source: str, **download_kwargs: Any) -> tuple[str, str]:
+def _resolve_config_file(source: str, download_kwargs: Mapping[str, Any]) -> str:
     if os.path.isdir(source):
-        config_path = os.path.join(source, VECTOR_CONFIG_NAME)
-        weights_path = os.path.join(source, VECTOR_WEIGHTS_NAME)
-        missing = [p for p in (config_path, weights_path) if not os.path.isfile(p)]
+        # Check both files up front: a folder without them is most likely something else (e.g. a model).
+        missing = [
+            os.path.join(source, name)
+            for name in (VECTOR_CONFIG_NAME, VECTOR_WEIGHTS_NAME)
+            if not os.path.isfile(os.path.join(source, name))
+        ]
         if missing:
             raise _not_a_vector(source, os.listdir(source), missing)
-        return config_path, weights_path
+        return os.path.join(source, VECTOR_CONFIG_NAME)
     if os.path.exists(source):
         raise NotAnExplanationVectorError(
             f"{source} is a file; pass the folder that holds {VECTOR_CONFIG_NAME}."
         )
     try:
-        config_path = hf_hub_download(source, VECTOR_CONFIG_NAME, **download_kwargs)
+        return hf_hub_download(source, VECTOR_CONFIG_NAME, **download_kwargs)
     except RemoteEntryNotFoundError as err:
         raise _not_a_vector(source, _list_repo_files(source, download_kwargs), [VECTOR_CONFIG_NAME]) from err
+
+
+def _resolve_weights_file(source: str, download_kwargs: Mapping[str, Any]) -> str:
+    if os.path.isdir(source):
+        return os.path.join(source, VECTOR_WEIGHTS_NAME)
     try:
-        weights_path = hf_hub_download(source, VECTOR_WEIGHTS_NAME, **download_kwargs)
+        return hf_hub_download(source, VECTOR_WEIGHTS_NAME, **download_kwargs)
     except RemoteEntryNotFoundError as err:
         raise InvalidExplanationVectorError(
             f"{source} has {VECTOR_CONFIG_NAME} but no {VECTOR_WEIGHTS_NAME}."
         ) from err
-    return config_path, weights_path
 
 
 def _list_repo_files(repo_id: str, download_kwargs: Mapping[str, Any]) -> list[str]:
@@ -479,18 +528,44 @@ def _not_a_vector(source: str, files: Iterable[str], missing: Iterable[str]) -> 
 
 def _read_config(path: str, source: str) -> ExplanationVectorConfig:
     where = f"{source}/{VECTOR_CONFIG_NAME}"
-    if os.path.getsize(path) > 64 * 1024 * 1024:
-        raise InvalidExplanationVectorError(f"{where} is larger than 64 MiB; refusing to parse it.")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded: never reads a huge file into memory
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise InvalidExplanationVectorError(
+            f"{where} is larger than {MAX_CONFIG_BYTES:,} bytes; refusing to parse it."
+        )
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InvalidExplanationVectorError(f"{where} is not valid JSON: {err}.") from err
+        data = json.loads(raw.decode("utf-8"))
+    # ValueError covers malformed JSON, bad UTF-8 and integers too long to convert.
+    except ValueError as err:
+        raise InvalidExplanationVectorError(f"{where} is not valid JSON: {str(err)[:200]}.") from err
+    except RecursionError as err:
+        raise InvalidExplanationVectorError(
+            f"{where} is nested too deeply to parse (more than {MAX_JSON_DEPTH} levels are refused)."
+        ) from err
+    if _json_depth(data) > MAX_JSON_DEPTH:
+        raise InvalidExplanationVectorError(
+            f"{where} is nested deeper than {MAX_JSON_DEPTH} levels; refusing it."
+        )
     return ExplanationVectorConfig.from_dict(data, source=where)
+
+
+def _json_depth(data: Any) -> int:
+    """How deeply JSON objects/arrays nest in `data` (a scalar is 0), computed without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend(
+                (child, depth + 1) for child in (value.values() if isinstance(value, dict) else value)
+            )
+    return deepest
 
 
 def _read_tensors(path: str, config: ExplanationVectorConfig, source: str) -> dict[str, torch.Tensor]:
     where = f"{source}/{VECTOR_WEIGHTS_NAME}"
+    _check_header_size(path, where)
     try:
         handle = safe_open(path, framework="pt")
     except Exception as err:  # safetensors raises its own error types for corrupt headers
@@ -503,19 +578,22 @@ def _read_tensors(path: str, config: ExplanationVectorConfig, source: str) -> di
                 f"{where} does not hold the tensors its config declares: "
                 f"missing {sorted(declared - keys)[:5]}, unexpected {sorted(keys - declared)[:5]}."
             )
+        # Check every header entry before reading any data.
+        for key in sorted(keys):
+            spec = config.tensors[key]
+            view = f.get_slice(key)
+            if list(view.get_shape()) != spec["shape"]:
+                raise InvalidExplanationVectorError(
+                    f"{where}: tensor {key!r} has shape {view.get_shape()}, the config declares {spec['shape']}."
+                )
+            expected_dtype = _SAFETENSORS_DTYPES[spec.get("dtype", config.storage_dtype)]
+            if view.get_dtype() != expected_dtype:
+                raise InvalidExplanationVectorError(
+                    f"{where}: tensor {key!r} is {view.get_dtype()}, the config declares {expected_dtype} "
+                    "(explanation vectors hold float32, float16 or bfloat16)."
+                )
         tensors = {}
         for key in sorted(keys):
-            expected_shape = config.tensors[key]["shape"]
-            view = f.get_slice(key)
-            if list(view.get_shape()) != expected_shape:
-                raise InvalidExplanationVectorError(
-                    f"{where}: tensor {key!r} has shape {view.get_shape()}, the config declares {expected_shape}."
-                )
-            dtype = view.get_dtype()
-            if dtype not in ("F32", "F16", "BF16"):
-                raise InvalidExplanationVectorError(
-                    f"{where}: tensor {key!r} is {dtype}; explanation vectors hold float32/float16/bfloat16."
-                )
             try:
                 tensor = f.get_tensor(key).to(torch.float32)
             except Exception as err:
@@ -526,6 +604,168 @@ def _read_tensors(path: str, config: ExplanationVectorConfig, source: str) -> di
                 raise InvalidExplanationVectorError(f"{where}: tensor {key!r} contains NaN or Inf values.")
             tensors[key] = tensor
     return tensors
+
+
+def _check_header_size(path: str, where: str) -> None:
+    """Refuse a safetensors file whose JSON header is larger than `MAX_HEADER_BYTES`, before parsing it."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+    if len(prefix) < 8:
+        raise InvalidExplanationVectorError(
+            f"{where} is not a readable safetensors file: it has {len(prefix)} bytes, fewer than the 8-byte header size."
+        )
+    header_bytes = int.from_bytes(prefix, "little")
+    if header_bytes > MAX_HEADER_BYTES:
+        raise InvalidExplanationVectorError(
+            f"{where} declares a {header_bytes:,}-byte header, more than the {MAX_HEADER_BYTES:,} bytes allowed."
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_architecture(architecture: Mapping[str, Any], source: str) -> None:
+    """Every fingerprint field is present with a sane type and range (the size checks build on them)."""
+    missing = [name for name in FINGERPRINT_FIELDS if name not in architecture]
+    if missing:
+        raise InvalidExplanationVectorError(f"{source}: `architecture` lacks {missing}.")
+    for name, limit in ARCHITECTURE_LIMITS.items():
+        value = architecture[name]
+        # image_size and patch_size may be (height, width) pairs.
+        pair = isinstance(value, list) and name in ("image_size", "patch_size")
+        values = value if pair else [value]
+        if len(values) != (2 if pair else 1) or not all(_is_int(v) and 1 <= v <= limit for v in values):
+            raise InvalidExplanationVectorError(
+                f"{source}: `architecture.{name}` must be an int in [1, {limit}], got {value!r:.80}."
+            )
+    if architecture["hidden_size"] % architecture["num_attention_heads"]:
+        raise InvalidExplanationVectorError(
+            f"{source}: `architecture.hidden_size` {architecture['hidden_size']} is not a multiple of "
+            f"`architecture.num_attention_heads` {architecture['num_attention_heads']}."
+        )
+    if not isinstance(architecture["qkv_bias"], bool):
+        raise InvalidExplanationVectorError(
+            f"{source}: `architecture.qkv_bias` must be true or false, got {architecture['qkv_bias']!r:.80}."
+        )
+    if not isinstance(architecture["hidden_act"], str) or architecture["hidden_act"] not in ACT2FN:
+        raise InvalidExplanationVectorError(
+            f"{source}: `architecture.hidden_act` must be one of {sorted(ACT2FN)}, "
+            f"got {architecture['hidden_act']!r:.80}."
+        )
+
+
+def _check_declared_tensors(config: ExplanationVectorConfig, source: str) -> None:
+    """Refuse a config whose tensors do not belong to the architecture it names, before any tensor is read.
+
+    Every declared key must be a serialized tensor name of a ViT with `config.architecture`, with exactly its
+    shape (the classifier may have up to `MAX_NUM_LABELS` rows), so a vector never declares more values than
+    its architecture has parameters, and a lying config costs neither a download nor memory.
+    """
+    if config.model_type != "vit":
+        raise InvalidExplanationVectorError(
+            f"{source}: model_type {config.model_type!r:.80} is not supported; explanation vectors fit 'vit' models."
+        )
+    if not config.tensors:
+        raise InvalidExplanationVectorError(f"{source}: the vector declares no tensors.")
+    fingerprint = {name: config.architecture[name] for name in FINGERPRINT_FIELDS}
+    try:
+        layer_shapes, other_shapes = _architecture_shapes(json.dumps(fingerprint, sort_keys=True))
+    except Exception as err:  # defensive: transformers may refuse a combination the checks above allow
+        raise InvalidExplanationVectorError(
+            f"{source}: `architecture` {fingerprint} does not describe a ViT transformers can build: {err!r}"
+        ) from err
+    num_layers, hidden = fingerprint["num_hidden_layers"], fingerprint["hidden_size"]
+
+    # The total first (Python ints, so giant shapes cannot overflow): the clearest message for a size attack.
+    declared = sum(math.prod(spec["shape"]) for spec in config.tensors.values())
+    capacity = _parameter_capacity(config, layer_shapes, other_shapes)
+    if declared > capacity:
+        largest = max(config.tensors, key=lambda k: math.prod(config.tensors[k]["shape"]))
+        raise InvalidExplanationVectorError(
+            f"{source}: the config declares {declared:,} values (the largest tensor: {largest!r:.120} with shape "
+            f"{config.tensors[largest]['shape']}), more than the {capacity:,} parameters of a ViT with this "
+            f"architecture ({num_layers} layers, hidden size {hidden}); refusing before reading any tensor data."
+        )
+    for key, spec in config.tensors.items():
+        shape = tuple(spec["shape"])
+        expected = _expected_shape(key, shape, layer_shapes, other_shapes, num_layers, hidden)
+        if expected is None:
+            raise InvalidExplanationVectorError(
+                f"{source}: tensor {key!r:.120} (shape {list(shape)}) is not a tensor of a ViT with this "
+                f"architecture ({num_layers} layers, hidden size {hidden}, at most {MAX_NUM_LABELS:,} classes)."
+            )
+        if shape != expected:
+            raise InvalidExplanationVectorError(
+                f"{source}: tensor {key!r} is declared with shape {list(shape)}; a ViT with this architecture "
+                f"has {list(expected)}."
+            )
+
+
+def _parameter_capacity(
+    config: ExplanationVectorConfig,
+    layer_shapes: Mapping[str, tuple[int, ...]],
+    other_shapes: Mapping[str, tuple[int, ...]],
+) -> int:
+    """Parameters of the vector's architecture, with as many classes as its classifier declares (capped)."""
+    rows = [
+        spec["shape"][0]
+        for k, spec in config.tensors.items()
+        if k.startswith("classifier.") and spec["shape"]
+    ]
+    num_labels = min(max(rows, default=1), MAX_NUM_LABELS)
+    return (
+        config.architecture["num_hidden_layers"] * sum(math.prod(shape) for shape in layer_shapes.values())
+        + sum(math.prod(shape) for k, shape in other_shapes.items() if not k.startswith("classifier."))
+        + num_labels * (config.architecture["hidden_size"] + 1)
+    )
+
+
+def _expected_shape(
+    key: str,
+    shape: tuple[int, ...],
+    layer_shapes: Mapping[str, tuple[int, ...]],
+    other_shapes: Mapping[str, tuple[int, ...]],
+    num_layers: int,
+    hidden: int,
+) -> tuple[int, ...] | None:
+    """The shape `key` has in the architecture, or None when the architecture has no such tensor."""
+    layer = _LAYER_KEY.fullmatch(key)
+    if layer:
+        return layer_shapes.get(layer.group(2)) if int(layer.group(1)) < num_layers else None
+    # The classifier's row count is the target's label count, which the architecture does not fix.
+    if key == "classifier.weight" and len(shape) == 2 and 1 <= shape[0] <= MAX_NUM_LABELS:
+        return (shape[0], hidden)
+    if key == "classifier.bias" and len(shape) == 1 and 1 <= shape[0] <= MAX_NUM_LABELS:
+        return shape
+    return None if key.startswith("classifier.") else other_shapes.get(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _architecture_shapes(
+    architecture_json: str,
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Serialized tensor shapes of a ViT: `({per-layer suffix: shape}, {other key: shape})`.
+
+    Built from a one-layer model on the meta device (no memory for weights), so the shapes are exactly those
+    transformers creates, activation parameters and all; the layers are identical, so one stands for all.
+    """
+    from transformers import ViTConfig
+
+    from .modeling_self_explaining_vit import ViTForSelfExplainingClassification
+
+    fields = {**json.loads(architecture_json), "num_hidden_layers": 1, "num_labels": 1}
+    with torch.device("meta"):
+        model = ViTForSelfExplainingClassification(ViTConfig(**fields))
+    state = model.state_dict()
+    layer_shapes, other_shapes = {}, {}
+    for serialized, name in serialized_names(model).items():
+        layer = _LAYER_KEY.fullmatch(serialized)
+        if layer:
+            layer_shapes[layer.group(2)] = tuple(state[name].shape)
+        else:
+            other_shapes[serialized] = tuple(state[name].shape)
+    return layer_shapes, other_shapes
 
 
 __all__ = [
