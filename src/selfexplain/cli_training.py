@@ -29,10 +29,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Add Kernel SHAP explanation targets (all classes) to a dataset, with a source prediction-only model.",
     )
     p.add_argument("--model", required=True, help="Folder or Hub id of the source prediction-only model.")
-    p.add_argument("--dataset", required=True, help='"builtin:<name>", a folder (imagefolder/save_to_disk) or a Hub id.')
+    p.add_argument(
+        "--dataset", required=True, help='"builtin:<name>", a folder (imagefolder/save_to_disk) or a Hub id.'
+    )
     p.add_argument("--split", default="train")
     p.add_argument("--output-dir", required=True, type=Path, help="Where the dataset with targets is saved.")
-    p.add_argument("--grid", type=int, nargs=2, default=None, metavar=("GH", "GW"), help="Player grid (default: patch grid).")
+    p.add_argument(
+        "--grid",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("GH", "GW"),
+        help="Player grid (default: patch grid).",
+    )
     p.add_argument("--budget", type=int, default=150, help="Model evaluations per image.")
     p.add_argument("--baseline", default="mean", choices=["mean", "zero", "blur"])
     p.add_argument("--seed", type=int, default=0)
@@ -50,14 +59,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("experiment", help="Run a transfer experiment suite and write its report.")
-    p.add_argument("--config", required=True, help='A JSON file, or the name of a packaged suite ("demo", "full").')
+    p.add_argument(
+        "--config", required=True, help='A JSON file, or the name of a packaged suite ("demo", "full").'
+    )
     p.add_argument("--output-dir", default=None, help="Work folder (models, targets); default: the config's.")
     p.add_argument("--report-dir", default=None, help="Where report.md and plots go; default: the config's.")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="Override the config's seeds.")
     p.set_defaults(handler=_cmd_experiment)
 
-    p = sub.add_parser("demo", help="The embedded default: a small transfer experiment, a few minutes on CPU.")
-    p.add_argument("--output-dir", default="outputs/demo", help="Work folder and report (default: outputs/demo).")
+    p = sub.add_parser(
+        "demo", help="The embedded default: a small transfer experiment, a few minutes on CPU."
+    )
+    p.add_argument(
+        "--output-dir", default="outputs/demo", help="Work folder and report (default: outputs/demo)."
+    )
     p.set_defaults(handler=_cmd_demo)
 
 
@@ -105,7 +120,9 @@ def _cmd_shapley_targets(args: argparse.Namespace) -> None:
         cache_dir=args.output_dir / "shards",
     )
     with_targets.save_to_disk(str(args.output_dir / "dataset"))
-    print(f"Saved {len(with_targets)} examples with explanation targets {grid} to {args.output_dir / 'dataset'}")
+    print(
+        f"Saved {len(with_targets)} examples with explanation targets {grid} to {args.output_dir / 'dataset'}"
+    )
 
 
 def _dummy(model):
@@ -152,9 +169,16 @@ def _cmd_experiment(args: argparse.Namespace, command: str | None = None) -> dic
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .report import pair_deltas
 
-    ns = argparse.Namespace(config="demo", output_dir=args.output_dir, report_dir=str(Path(args.output_dir) / "report"), seeds=None)
+    ns = argparse.Namespace(
+        config="demo",
+        output_dir=args.output_dir,
+        report_dir=str(Path(args.output_dir) / "report"),
+        seeds=None,
+    )
     results = _cmd_experiment(ns, command=f"selfexplain demo --output-dir {args.output_dir}")
-    print("\nBefore (target's own patch scores, α = 0) → after (explanation vector, α recommended on the source):")
+    print(
+        "\nBefore (target's own patch scores, α = 0) → after (explanation vector, α recommended on the source):"
+    )
     for (source, target), entry in sorted(pair_deltas(results, "recommended_alpha").items()):
         seed = str(results["config"]["seeds"][0])
         sweep = results["per_seed"][seed][target]["transfer"][source]["sweep"]

@@ -1,0 +1,264 @@
+"""Render an experiment's results (`experiment.Experiment.run`) as markdown tables and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+METRICS = ("insertion", "deletion", "spearman", "accuracy")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(values: list[float], signed: bool = False) -> str:
+    mean, std = _mean_std(values)
+    sign = "+" if signed else ""
+    return f"{mean:{sign}.3f} ± {std:.3f}" if len(values) > 1 else f"{mean:{sign}.3f}"
+
+
+def pair_deltas(results: dict[str, Any], alpha_rule: str) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """Per (source, target): lists over seeds of metric(α chosen by `alpha_rule`) − metric(α = 0)."""
+    out: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for per_target in results["per_seed"].values():
+        for target, res in per_target.items():
+            for source, transfer in res["transfer"].items():
+                alpha = transfer[alpha_rule] if alpha_rule != "1" else 1.0
+                sweep = transfer["sweep"]
+                chosen, zero = sweep.get(f"{alpha:g}"), sweep["0"]
+                if chosen is None:
+                    continue
+                entry = out.setdefault(
+                    (source, target), {m: [] for m in (*METRICS, "alpha", "top1_agreement")}
+                )
+                for metric in METRICS:
+                    entry[metric].append(chosen[metric] - zero[metric])
+                entry["alpha"].append(alpha)
+                entry["top1_agreement"].append(chosen["top1_agreement"])
+    return out
+
+
+def crossover(results: dict[str, Any], metric: str = "spearman", alpha_rule: str = "recommended_alpha"):
+    """Smallest Kernel SHAP budget whose `metric` reaches the transferred map's, per (source, target, seed)."""
+    rows = []
+    for seed, per_target in results["per_seed"].items():
+        for target, res in per_target.items():
+            curve = res.get("kernel_shap")
+            if not curve:
+                continue
+            for source, transfer in res["transfer"].items():
+                alpha = transfer[alpha_rule]
+                value = transfer["sweep"][f"{alpha:g}"][metric]
+                better = lambda a, b: a <= b if metric == "deletion" else a >= b  # noqa: E731
+                budget = next((int(b) for b, e in curve.items() if better(e[metric], value)), None)
+                rows.append(
+                    {
+                        "seed": seed,
+                        "source": source,
+                        "target": target,
+                        "alpha": alpha,
+                        "value": value,
+                        "budget": budget,
+                    }
+                )
+    return rows
+
+
+def write_report(results: dict[str, Any], report_dir: str | Path, command: str) -> Path:
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    cfg = results["config"]
+    seeds = cfg["seeds"]
+    lines = [
+        f"# Explanation transfer: `{cfg['name']}` suite",
+        "",
+        f"Produced by `{command}` (seeds {seeds}); wall time {results['wall_time_s'] / 60:.1f} min on "
+        f"{results['environment']['machine']} (torch {results['environment']['torch']}, transformers "
+        f"{results['environment']['transformers']}). Raw numbers: `results.json`; the config is reproduced at the end.",
+        "",
+        "Every number is a mean over the evaluated target test images; with several seeds, `mean ± std` over seeds.",
+        "Δ = metric after adding the vector − the same metric for the target's own patch scores (α = 0, no transfer).",
+        "Insertion: higher is better; deletion: lower is better; spearman: rank agreement with a Kernel SHAP",
+        f"reference of the target model (budget {cfg['reference_budget']}); maps live on a "
+        f"{cfg['player_grid'][0]}×{cfg['player_grid'][1]} player grid, baseline `{cfg['baseline']}`.",
+        "",
+    ]
+    for rule, title in (
+        ("recommended_alpha", "α recommended on the source's validation images"),
+        (
+            "label_free_alpha",
+            f"α chosen label-free on unlabelled target images (top-1 agreement ≥ {cfg['agreement_threshold']})",
+        ),
+        ("1", "α = 1"),
+    ):
+        deltas = pair_deltas(results, rule)
+        lines += [
+            f"## Transfer matrix, {title}",
+            "",
+            "| source → target | α | Δinsertion | Δdeletion | Δspearman | Δaccuracy | top-1 kept |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for (source, target), entry in sorted(deltas.items()):
+            lines.append(
+                f"| {source} → {target} | {_fmt(entry['alpha'])} | {_fmt(entry['insertion'], True)} | "
+                f"{_fmt(entry['deletion'], True)} | {_fmt(entry['spearman'], True)} | {_fmt(entry['accuracy'], True)} | "
+                f"{_fmt(entry['top1_agreement'])} |"
+            )
+        improved = [
+            k for k, e in deltas.items() if _mean_std(e["insertion"])[0] - _mean_std(e["deletion"])[0] > 0
+        ]
+        failed = [k for k in deltas if k not in improved]
+        lines += [
+            "",
+            f"Faithfulness (Δinsertion − Δdeletion > 0) improved on {len(improved)} of {len(deltas)} pairs."
+            + (
+                f" **Transfer failed on:** {', '.join(f'{s} → {t}' for s, t in sorted(failed))}."
+                if failed
+                else ""
+            ),
+            "",
+        ]
+
+    lines += ["## Explainers on the target models (no vector)", "", _explainer_table(results), ""]
+    lines += ["## α sweep", "", _sweep_table(results), "", "![metrics vs alpha](alpha_sweep.png)", ""]
+    cross = crossover(results)
+    if cross:
+        lines += [
+            "## Kernel SHAP crossover",
+            "",
+            "Smallest Kernel SHAP budget (model evaluations per image) whose agreement with the reference reaches the "
+            "single-pass transferred map's (recommended α); `none` means the map beats every budget tested.",
+            "",
+            "| seed | source → target | α | transferred spearman | B* |",
+            "|---|---|---|---|---|",
+        ]
+        for row in cross:
+            budget = "none (map is better than all budgets)" if row["budget"] is None else row["budget"]
+            lines.append(
+                f"| {row['seed']} | {row['source']} → {row['target']} | {row['alpha']:g} | {row['value']:.3f} | {budget} |"
+            )
+        lines += ["", "![quality vs Kernel SHAP budget](kernel_shap_budget.png)", ""]
+    if (report_dir / "heatmaps.png").exists():
+        lines += ["## Heatmaps", "", "![heatmaps before and after](heatmaps.png)", ""]
+    lines += ["## Config", "", "```json", json.dumps(cfg, indent=2), "```", ""]
+    (report_dir / "report.md").write_text("\n".join(lines))
+    _plots(results, report_dir)
+    return report_dir / "report.md"
+
+
+def _explainer_table(results: dict[str, Any]) -> str:
+    rows = {}
+    for per_target in results["per_seed"].values():
+        for target, res in per_target.items():
+            for name, entry in res["explainers"].items():
+                slot = rows.setdefault(
+                    (target, name), {m: [] for m in ("insertion", "deletion", "spearman", "pointing_game")}
+                )
+                for m in slot:
+                    if m in entry:
+                        slot[m].append(entry[m])
+    out = [
+        "| target | explainer | insertion | deletion | spearman | pointing game |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (target, name), slot in sorted(rows.items()):
+        pg = _fmt(slot["pointing_game"]) if slot["pointing_game"] else "n/a"
+        out.append(
+            f"| {target} | {name} | {_fmt(slot['insertion'])} | {_fmt(slot['deletion'])} | {_fmt(slot['spearman'])} | {pg} |"
+        )
+    return "\n".join(out)
+
+
+def _sweep_table(results: dict[str, Any]) -> str:
+    rows: dict[tuple[str, str, str], dict[str, list[float]]] = {}
+    for per_target in results["per_seed"].values():
+        for target, res in per_target.items():
+            for source, transfer in res["transfer"].items():
+                for alpha, entry in transfer["sweep"].items():
+                    slot = rows.setdefault(
+                        (source, target, alpha), {m: [] for m in (*METRICS, "top1_agreement")}
+                    )
+                    for m in slot:
+                        slot[m].append(entry[m])
+    out = [
+        "| source → target | α | insertion | deletion | spearman | accuracy | top-1 kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (source, target, alpha), slot in sorted(
+        rows.items(), key=lambda r: (r[0][0], r[0][1], float(r[0][2]))
+    ):
+        out.append(
+            f"| {source} → {target} | {alpha} | {_fmt(slot['insertion'])} | {_fmt(slot['deletion'])} | "
+            f"{_fmt(slot['spearman'])} | {_fmt(slot['accuracy'])} | {_fmt(slot['top1_agreement'])} |"
+        )
+    return "\n".join(out)
+
+
+def _plots(results: dict[str, Any], report_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    curves: dict[str, dict[float, list[tuple[float, float]]]] = {}
+    for per_target in results["per_seed"].values():
+        for target, res in per_target.items():
+            for source, transfer in res["transfer"].items():
+                for alpha, entry in transfer["sweep"].items():
+                    curves.setdefault(f"{source}→{target}", {}).setdefault(float(alpha), []).append(
+                        (entry["insertion"] - entry["deletion"], entry["spearman"])
+                    )
+    for label, points in curves.items():
+        alphas = sorted(points)
+        for i, ax in enumerate(axes):
+            ax.plot(
+                alphas, [statistics.fmean(p[i] for p in points[a]) for a in alphas], marker="o", label=label
+            )
+    axes[0].set(xlabel="α", ylabel="insertion − deletion", title="Faithfulness vs α")
+    axes[1].set(xlabel="α", ylabel="Spearman with Kernel SHAP reference", title="Agreement vs α")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(report_dir / "alpha_sweep.png", dpi=110)
+    plt.close(fig)
+
+    cross_fig, ax = plt.subplots(figsize=(6, 4))
+    plotted = False
+    for per_target in results["per_seed"].values():
+        for target, res in per_target.items():
+            curve = res.get("kernel_shap")
+            if not curve:
+                continue
+            budgets = [int(b) for b in curve]
+            line = ax.plot(
+                budgets, [curve[b]["spearman"] for b in curve], marker="o", label=f"Kernel SHAP, {target}"
+            )
+            for source, transfer in res["transfer"].items():
+                value = transfer["sweep"][f"{transfer['recommended_alpha']:g}"]["spearman"]
+                ax.axhline(
+                    value,
+                    linestyle="--",
+                    color=line[0].get_color(),
+                    alpha=0.7,
+                    label=f"{source}→{target} map (1 pass)",
+                )
+            plotted = True
+        break
+    if plotted:
+        ax.set(
+            xscale="log",
+            xlabel="model evaluations per image",
+            ylabel="Spearman with reference",
+            title="Quality vs Kernel SHAP budget",
+        )
+        ax.legend(fontsize=6)
+        cross_fig.tight_layout()
+        cross_fig.savefig(report_dir / "kernel_shap_budget.png", dpi=110)
+    plt.close(cross_fig)
