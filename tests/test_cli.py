@@ -1,0 +1,134 @@
+"""The `selfexplain` command line on tiny models (in process, as a user would call it)."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from selfexplain import ExplanationVector, ViTForSelfExplainingClassification
+from selfexplain.cli import main
+from tests._tiny import pixels, tiny_classifier, tiny_self_explaining
+
+
+@pytest.fixture()
+def models(tmp_path):
+    tiny_self_explaining(seed=50).save_pretrained(tmp_path / "se")
+    tiny_classifier(seed=51).save_pretrained(tmp_path / "po")
+    labels = {0: "cat", 1: "dog", 2: "bird"}
+    tiny_classifier(seed=52, id2label=labels, label2id={v: k for k, v in labels.items()}).save_pretrained(
+        tmp_path / "target"
+    )
+    return tmp_path
+
+
+def test_extract_apply_explain_round_trip(models, capsys):
+    root = models
+    assert (
+        main(
+            [
+                "extract-vector",
+                "--self-explaining",
+                str(root / "se"),
+                "--prediction-only",
+                str(root / "po"),
+                "--output-dir",
+                str(root / "vec"),
+                "--alpha",
+                "0.5",
+                "--source-dataset",
+                "builtin:mnist",
+            ]
+        )
+        == 0
+    )
+    vector = ExplanationVector.from_pretrained(root / "vec")
+    assert (
+        vector.config.recommended_alpha == 0.5
+        and vector.config.provenance["source_dataset"] == "builtin:mnist"
+    )
+
+    assert (
+        main(
+            [
+                "apply",
+                "--model",
+                str(root / "target"),
+                "--vector",
+                str(root / "vec"),
+                "--output-dir",
+                str(root / "out"),
+            ]
+        )
+        == 0
+    )
+    model = ViTForSelfExplainingClassification.from_pretrained(root / "out").eval()
+    assert model.config.id2label[1] == "dog"
+    assert "α = 0.5" in (root / "out" / "README.md").read_text()
+    expected = vector.apply_to(ViTForSelfExplainingClassification.from_pretrained(root / "target"))
+    with torch.no_grad():
+        assert torch.equal(model(pixels(1)).logits, expected.eval()(pixels(1)).logits)
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (16, 16), color=(200, 30, 30) if name == "a.png" else (10, 200, 10)).save(
+            root / name
+        )
+    assert (
+        main(
+            [
+                "explain",
+                "--model",
+                str(root / "out"),
+                str(root / "a.png"),
+                str(root / "b.png"),
+                "--output-dir",
+                str(root / "maps"),
+            ]
+        )
+        == 0
+    )
+    predictions = json.loads((root / "maps" / "predictions.json").read_text())
+    assert [p["label"] in {"cat", "dog", "bird"} for p in predictions] == [True, True]
+    assert Image.open(root / "maps" / "a_explanation.png").size == (16, 16)
+    assert "a.png" in capsys.readouterr().out
+
+
+def test_bad_inputs_name_the_input(models, capsys):
+    root = models
+    (root / "notes.txt").write_text("not an image")
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "explain",
+                "--model",
+                str(root / "target"),
+                str(root / "notes.txt"),
+                "--output-dir",
+                str(root / "maps"),
+            ]
+        )
+    assert info.value.code == 2 and "notes.txt: not an image file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "apply",
+                "--model",
+                str(root / "target"),
+                "--vector",
+                str(root / "po"),
+                "--output-dir",
+                str(root / "x"),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "not an explanation vector" in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["pretrain-base", "shapley-targets", "train", "extract-vector", "apply", "explain", "experiment", "demo"],
+)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0 and "usage: selfexplain" in capsys.readouterr().out
