@@ -30,6 +30,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ._utils import eval_mode
+
 HeadFusion = Literal["mean", "max", "min"]
 HEAD_FUSIONS: tuple[str, ...] = ("mean", "max", "min")
 
@@ -108,7 +110,7 @@ def grad_cam(
 
     handle = vit.layers[-1].layernorm_before.register_forward_hook(capture_activation)
     try:
-        with _eval_mode(model), torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             logits = model(
                 pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
             ).logits
@@ -169,7 +171,7 @@ def attention_rollout(
         raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}.")
     grid_h, grid_w = patch_grid(model, pixel_values)
 
-    with _eval_mode(model), _eager_attention(model), torch.no_grad():
+    with eval_mode(model), _eager_attention(model), torch.no_grad():
         attentions = model(
             pixel_values=pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
@@ -257,18 +259,6 @@ def _resolve_target(target: int | Sequence[int] | torch.Tensor | None, logits: t
     if bool(((classes < 0) | (classes >= num_classes)).any()):
         raise ValueError(f"target classes must be in [0, {num_classes}), got {classes.tolist()}.")
     return classes
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode (no dropout), then restore every submodule's own training flag."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
+from ._utils import eval_mode
 from .masking import BaselineKind, grid_to_pixel_mask, make_baseline, mask_images
 
 if TYPE_CHECKING:
@@ -137,14 +138,9 @@ def insertion_deletion_auc(
     grid = explanations.shape[-2:]
     keep = torch.cat([~removed, removed], dim=1).view(images.shape[0], 2 * (steps + 1), *grid)
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            target = _resolve_target(model, images, target, batch_size)
-            scores = _score_coalitions(model, images, base, keep, target, batch_size, value)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        target = _resolve_target(model, images, target, batch_size)
+        scores = _score_coalitions(model, images, base, keep, target, batch_size, value)
 
     deletion_curve, insertion_curve = scores.split(steps + 1, dim=1)
     fraction = counts.to(torch.float32) / num_players

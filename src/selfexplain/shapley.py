@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._utils import eval_mode
 from .masking import BaselineKind, make_baseline, mask_images
 
 __all__ = ["MAX_EXACT_PLAYERS", "exact_shapley_values", "kernel_shap_values"]
@@ -556,7 +556,7 @@ def _coalition_values(
     forward = _forward_fn(model)
     values = None
     starts = range(0, total, batch_size)
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for start in tqdm(starts, desc="masked forward passes", disable=not progress):
             flat = torch.arange(start, min(start + batch_size, total))
             image, member = flat // num_coalitions, flat % num_coalitions
@@ -604,21 +604,6 @@ def _logits(output: object) -> torch.Tensor:
             f"holding one; got {type(output).__name__}."
         )
     return logits
-
-
-@contextmanager
-def _eval_mode(model: Callable) -> Iterator[None]:
-    """Evaluate in eval mode (no dropout), then restore every submodule's own training flag."""
-    if not isinstance(model, nn.Module):
-        yield
-        return
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def _to_grid(phi: torch.Tensor, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
