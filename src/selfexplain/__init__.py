@@ -22,6 +22,7 @@ from .modeling_self_explaining_vit import (
     SelfExplainingImageClassifierOutput,
     ViTForSelfExplainingClassification,
 )
+from .shapley import exact_shapley_values, kernel_shap_values
 from .visualize import explanation_to_heatmap, overlay_heatmap
 
 __version__ = "0.1.0"
@@ -38,6 +39,8 @@ __all__ = [
     "__version__",
     "apply_explanation_vector",
     "architecture_fingerprint",
+    "exact_shapley_values",
     "explanation_to_heatmap",
+    "kernel_shap_values",
     "overlay_heatmap",
 ]
