@@ -124,7 +124,11 @@ def _cmd_shapley_targets(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         cache_dir=args.output_dir / "shards",
     )
-    with_targets.save_to_disk(str(args.output_dir / "dataset"))
+    # Saved as a DatasetDict under the same split name, so `selfexplain train --train-data DIR/dataset
+    # --train-split <split>` reads it like any other dataset.
+    from datasets import DatasetDict
+
+    DatasetDict({args.split: with_targets}).save_to_disk(str(args.output_dir / "dataset"))
     print(
         f"Saved {len(with_targets)} examples with explanation targets {grid} to {args.output_dir / 'dataset'}"
     )
