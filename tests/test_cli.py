@@ -132,3 +132,50 @@ def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
     assert info.value.code == 0 and "usage: selfexplain" in capsys.readouterr().out
+
+
+def test_shapley_targets_feed_self_explaining_training(tmp_path):
+    """The README's chain: targets from a prediction-only model, then `train` with λ > 0 on them."""
+    tiny_classifier(seed=53, num_labels=2).save_pretrained(tmp_path / "pred")
+    tiny_classifier(seed=54, num_labels=2).save_pretrained(tmp_path / "base")
+    common = ["--output-dir", str(tmp_path / "targets")]
+    args = [
+        "shapley-targets",
+        "--model",
+        str(tmp_path / "pred"),
+        "--dataset",
+        "builtin:faces",
+        "--num-samples",
+        "8",
+    ]
+    assert main([*args, "--grid", "2", "2", "--budget", "8", *common]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--base",
+                str(tmp_path / "base"),
+                "--train-data",
+                str(tmp_path / "targets" / "dataset"),
+                "--eval-split",
+                "none",
+                "--explanation-loss-weight",
+                "1",
+                "--num-epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--checkpoint-every",
+                "none",
+                "--output-dir",
+                str(tmp_path / "se"),
+            ]
+        )
+        == 0
+    )
+    log = [json.loads(line) for line in (tmp_path / "se" / "log.jsonl").read_text().splitlines()]
+    assert any(entry.get("explanation_loss") is not None for entry in log)
+    assert (
+        ViTForSelfExplainingClassification.from_pretrained(tmp_path / "se").config.explanation_loss_weight
+        == 1.0
+    )
