@@ -201,6 +201,10 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
         self, patch_tokens: torch.Tensor, classes: torch.Tensor, grid: tuple[int, int]
     ) -> torch.Tensor:
         """Score patch tokens with the classifier rows of `classes` only: O(N·D) per requested class."""
+        if classes.dim() == 2 and classes.shape[1] == self.config.num_labels and _is_arange_rows(classes):
+            # Every class: one matmul with the classifier, no per-image copy of its weight.
+            scores = self.classifier(patch_tokens).transpose(1, 2)
+            return scores.reshape(scores.shape[0], scores.shape[1], *grid)
         weight = self.classifier.weight[classes]  # (B, D) or (B, K, D)
         bias = self.classifier.bias[classes]
         if classes.dim() == 1:
@@ -267,6 +271,10 @@ def pool_to_player_grid(scores: torch.Tensor, player_grid: tuple[int, int]) -> t
         scores.reshape(-1, 1, *grid), (grid[0] // player_grid[0], grid[1] // player_grid[1])
     )
     return pooled.reshape(*lead, *player_grid)
+
+
+def _is_arange_rows(classes: torch.Tensor) -> bool:
+    return bool((classes == torch.arange(classes.shape[1], device=classes.device)).all())
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -1,0 +1,206 @@
+"""Adapters that run the peer libraries (shap, Captum) on the same model, players and baseline as selfexplain.
+
+Every adapter explains images on a ``(grid_h, grid_w)`` player grid, replaces removed players by the same
+baseline image (:func:`selfexplain.masking.make_baseline`) and scores softmax probabilities, so their estimates
+are comparable with :func:`selfexplain.shapley.kernel_shap_values`. The model is a
+:class:`_common.LogitsModel`, whose counter checks the evaluation budget each library really spends.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from types import ModuleType
+
+import numpy as np
+import torch
+from _common import LogitsModel
+from torch import nn
+
+from selfexplain.masking import grid_to_pixel_mask, make_baseline, mask_images
+
+# --------------------------------------------------------------------------------------------------------
+# shap
+# --------------------------------------------------------------------------------------------------------
+
+
+def shap_kernel(
+    shap: ModuleType,
+    model: LogitsModel,
+    pixel_values: torch.Tensor,
+    grid: tuple[int, int],
+    budget: int,
+    classes: torch.Tensor | None = None,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """``shap.KernelExplainer`` over grid players, one image at a time, ``budget`` evaluations per image.
+
+    The explainer sees binary coalition vectors; the model function turns them into masked images. The
+    background is the empty coalition (every player shows the baseline) and ``x`` the full one, so shap spends
+    1 + 1 + ``nsamples`` evaluations: ``nsamples = budget - 2``. ``l1_reg=False`` keeps it plain Kernel SHAP (no
+    LARS feature selection), like ours. With ``classes=None`` every class is explained from the same
+    evaluations ``(B, num_classes, gh, gw)``; with one class per image only that output ``(B, gh, gw)``.
+    """
+    num_players = grid[0] * grid[1]
+    baseline = make_baseline(pixel_values, "mean")
+    maps = []
+    for index in range(pixel_values.shape[0]):
+        image, base = pixel_values[index : index + 1], baseline[index : index + 1]
+        target = None if classes is None else int(classes[index])
+
+        def value(coalitions: np.ndarray, image=image, base=base, target=target) -> np.ndarray:
+            masks = torch.from_numpy(coalitions > 0.5).view(1, -1, *grid)
+            outputs = []
+            with torch.inference_mode():
+                for chunk in masks.split(batch_size, dim=1):
+                    probs = model(mask_images(image, base, chunk)).softmax(-1)
+                    outputs.append(probs if target is None else probs[:, target : target + 1])
+            return torch.cat(outputs).double().numpy()
+
+        explainer = shap.KernelExplainer(value, np.zeros((1, num_players)))
+        phi = explainer.shap_values(np.ones((1, num_players)), nsamples=budget - 2, l1_reg=False, silent=True)
+        phi = np.asarray(phi, dtype=np.float64).reshape(num_players, -1)  # (players, outputs)
+        maps.append(torch.from_numpy(phi.T.copy()).float().view(-1, *grid))
+    stacked = torch.stack(maps)
+    return stacked if classes is None else stacked[:, 0]
+
+
+def shap_partition(
+    shap: ModuleType, model: LogitsModel, pixel_values: torch.Tensor, classes: torch.Tensor, budget: int
+) -> list[np.ndarray]:
+    """shap's image explainer (``PartitionExplainer`` + ``maskers.Image``) at ``max_evals=budget``, per image.
+
+    The masker fills hidden pixels with the same per-image mean colour as our baseline. Partition explains
+    hierarchical pixel regions (Owen values), not a fixed patch grid, so its maps are pixel maps.
+    """
+    maps = []
+    height, width = pixel_values.shape[-2:]
+    for index in range(pixel_values.shape[0]):
+        target = int(classes[index])
+        image_hwc = pixel_values[index].permute(1, 2, 0).numpy()
+        mean_colour = np.broadcast_to(image_hwc.mean(axis=(0, 1)), image_hwc.shape).copy()
+
+        def value(images_hwc: np.ndarray, target=target) -> np.ndarray:
+            batch = torch.from_numpy(np.ascontiguousarray(images_hwc, dtype=np.float32)).permute(0, 3, 1, 2)
+            with torch.inference_mode():
+                return model(batch).softmax(-1)[:, target : target + 1].double().numpy()
+
+        masker = shap.maskers.Image(mean_colour, shape=(height, width, 3))
+        explainer = shap.PartitionExplainer(value, masker)
+        explanation = explainer(image_hwc[None], max_evals=budget, batch_size=budget, silent=True)
+        maps.append(np.asarray(explanation.values)[0, ..., 0].sum(-1))
+    return maps
+
+
+# --------------------------------------------------------------------------------------------------------
+# Captum
+# --------------------------------------------------------------------------------------------------------
+
+
+def player_feature_mask(pixel_values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``(1, C, H, W)`` long tensor: the player index of every pixel (same cells as ``mask_images``)."""
+    ids = torch.arange(grid[0] * grid[1], dtype=torch.float32).view(1, *grid)
+    pixel_ids = grid_to_pixel_mask(ids, tuple(pixel_values.shape[-2:])).long()  # (1, H, W)
+    return pixel_ids.unsqueeze(1).expand(1, pixel_values.shape[1], -1, -1).contiguous()
+
+
+def _softmax_model(model: LogitsModel):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return model(x).softmax(-1)
+
+    return forward
+
+
+def captum_kernel_shap(
+    captum_attr: ModuleType,
+    model: LogitsModel,
+    pixel_values: torch.Tensor,
+    grid: tuple[int, int],
+    classes: torch.Tensor,
+    budget: int,
+) -> torch.Tensor:
+    """Captum ``KernelShap`` with a player feature mask, ``n_samples=budget`` in one batch, one class per image.
+
+    Captum explains one target per call (its Lime base fits one scalar output), and loops over the images of
+    the batch internally. Returns ``(B, gh, gw)``.
+    """
+    mask = player_feature_mask(pixel_values, grid)
+    explainer = captum_attr.KernelShap(_softmax_model(model))
+    # Captum warns that several images mean several fits: that is the point here.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You are providing multiple inputs for Lime")
+        attributions = explainer.attribute(
+            pixel_values,
+            baselines=make_baseline(pixel_values, "mean"),
+            target=classes,
+            feature_mask=mask.expand(pixel_values.shape[0], -1, -1, -1),
+            n_samples=budget,
+            perturbations_per_eval=budget,
+        )
+    return _pool_to_grid(attributions, mask, grid)
+
+
+def captum_feature_ablation(
+    captum_attr: ModuleType,
+    model: LogitsModel,
+    pixel_values: torch.Tensor,
+    grid: tuple[int, int],
+    classes: torch.Tensor,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Captum ``FeatureAblation`` (occlusion of one player at a time by the baseline): ``n + 1`` evaluations."""
+    mask = player_feature_mask(pixel_values, grid)
+    explainer = captum_attr.FeatureAblation(_softmax_model(model))
+    with torch.no_grad():
+        attributions = explainer.attribute(
+            pixel_values,
+            baselines=make_baseline(pixel_values, "mean"),
+            target=classes,
+            feature_mask=mask.expand(pixel_values.shape[0], -1, -1, -1),
+            perturbations_per_eval=batch_size,
+        )
+    return _pool_to_grid(attributions, mask, grid)
+
+
+def _pool_to_grid(attributions: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Captum repeats a player's attribution on each of its pixels; read one pixel (channel 0) per player."""
+    num_players = grid[0] * grid[1]
+    flat_mask = mask[0, 0].flatten()
+    first_pixel = torch.stack([(flat_mask == p).nonzero()[0, 0] for p in range(num_players)])
+    return attributions[:, 0].flatten(1)[:, first_pixel].view(-1, *grid).float()
+
+
+class _ChannelsFirst(nn.Module):
+    """``(B, T, D) -> (B, D, T)``: lets Captum's conv-style Grad-CAM average gradients over tokens."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.transpose(1, 2)
+
+
+class _TokensLast(nn.Module):
+    def forward(self, channels_first: torch.Tensor) -> torch.Tensor:
+        return channels_first.transpose(1, 2)
+
+
+class CaptumLayerGradCam:
+    """Captum ``LayerGradCam`` on the output of the last block's ``layernorm_before``, like ``selfexplain``'s.
+
+    ``LayerGradCam`` averages gradients over the dimensions after the channel dimension; ViT tokens are
+    ``(B, T, D)``, so a copy of the model routes that activation through a ``(B, D, T)`` view for Captum to hook
+    (the usual ``reshape_transform`` of pytorch-grad-cam). Maps are ReLU'd and drop the CLS token. Captum's
+    channel weights average the gradients over all tokens, the CLS token included (ours: patches only), so the
+    maps differ from ``selfexplain.explainers.grad_cam`` by well under 1 %.
+    """
+
+    def __init__(self, captum_attr: ModuleType, model: nn.Module) -> None:
+        self.model = copy.deepcopy(model).eval()
+        block = self.model.vit.layers[-1]
+        self.hooked = _ChannelsFirst()
+        block.layernorm_before = nn.Sequential(block.layernorm_before, self.hooked, _TokensLast())
+        self.explainer = captum_attr.LayerGradCam(lambda x: self.model(pixel_values=x).logits, self.hooked)
+
+    def __call__(
+        self, pixel_values: torch.Tensor, classes: torch.Tensor, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        cam = self.explainer.attribute(pixel_values, target=classes, relu_attributions=True)  # (B, 1, T)
+        return cam[:, 0, 1:].reshape(-1, *grid).detach()
