@@ -128,7 +128,12 @@ def _cmd_shapley_targets(args: argparse.Namespace) -> None:
     # --train-split <split>` reads it like any other dataset.
     from datasets import DatasetDict
 
-    DatasetDict({args.split: with_targets}).save_to_disk(str(args.output_dir / "dataset"))
+    destination = args.output_dir / "dataset"
+    if destination.exists():  # a stale save of another layout would shadow the new one when loading
+        import shutil
+
+        shutil.rmtree(destination)
+    DatasetDict({args.split: with_targets}).save_to_disk(str(destination))
     print(
         f"Saved {len(with_targets)} examples with explanation targets {grid} to {args.output_dir / 'dataset'}"
     )
