@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256, help="Masked images per forward pass.")
     p.add_argument("--num-samples", type=int, default=None, help="Use only the first N examples.")
+    p.add_argument(
+        "--num-shards", type=int, default=None, help="Shards of the resumable cache (default: 1 per 1000)."
+    )
     p.set_defaults(handler=_cmd_shapley_targets)
 
     from .training import add_train_arguments
@@ -122,6 +125,7 @@ def _cmd_shapley_targets(args: argparse.Namespace) -> None:
         baseline=args.baseline,
         seed=args.seed,
         batch_size=args.batch_size,
+        num_shards=args.num_shards,
         cache_dir=args.output_dir / "shards",
     )
     # Saved as a DatasetDict under the same split name, so `selfexplain train --train-data DIR/dataset

@@ -690,6 +690,9 @@ class _Run:
                 if (
                     _is_int(self.config.checkpoint_every)
                     and self.global_step % self.config.checkpoint_every == 0
+                    # Not at the last step: that checkpoint would predate the final evaluation, which a run
+                    # resumed from it would skip (the final state is the saved model anyway).
+                    and self.global_step < schedule.total_steps
                 ):
                     self.save_checkpoint()
             epoch_done = self.step_in_epoch == schedule.steps_per_epoch
