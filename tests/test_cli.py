@@ -179,3 +179,27 @@ def test_shapley_targets_feed_self_explaining_training(tmp_path):
         ViTForSelfExplainingClassification.from_pretrained(tmp_path / "se").config.explanation_loss_weight
         == 1.0
     )
+
+
+def test_explain_accepts_any_mode_and_size_and_refuses_bombs(models, capsys, monkeypatch):
+    root = models
+    Image.new("L", (5, 3), color=128).save(root / "gray.png")
+    Image.new("RGBA", (1, 1), color=(1, 2, 3, 4)).save(root / "tiny.png")
+    Image.new("P", (300, 200)).save(root / "palette.png")
+    files = [str(root / n) for n in ("gray.png", "tiny.png", "palette.png")]
+    assert main(["explain", "--model", str(root / "target"), *files, "--output-dir", str(root / "maps")]) == 0
+    assert len(json.loads((root / "maps" / "predictions.json").read_text())) == 3
+    # PIL refuses images over twice its pixel limit before decoding them: a clear error, not an OOM.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "explain",
+                "--model",
+                str(root / "target"),
+                str(root / "palette.png"),
+                "--output-dir",
+                str(root / "m2"),
+            ]
+        )
+    assert info.value.code == 2 and "too large to open safely" in capsys.readouterr().err

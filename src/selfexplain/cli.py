@@ -198,7 +198,10 @@ def _cmd_explain(args: argparse.Namespace) -> None:
             raise CLIError(f"{path}: no such file.")
         try:
             with Image.open(path) as img:
+                # Grayscale, palette and RGBA images are explained as RGB; any size is resized by the processor.
                 images.append(img.convert("RGB"))
+        except Image.DecompressionBombError as err:
+            raise CLIError(f"{path}: image too large to open safely ({err}).") from err
         except (UnidentifiedImageError, OSError) as err:
             raise CLIError(f"{path}: not an image file ({err}).") from err
     args.output_dir.mkdir(parents=True, exist_ok=True)
