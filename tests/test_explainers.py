@@ -3,9 +3,10 @@ import math
 
 import pytest
 import torch
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import ViTForImageClassification
 
 from selfexplain.explainers import attention_rollout, grad_cam, patch_grid, random_explanation
+from tests._tiny import tiny_config
 
 HOOK_DICTS = (
     "_forward_hooks",
@@ -15,21 +16,6 @@ HOOK_DICTS = (
     "_state_dict_hooks",
     "_load_state_dict_pre_hooks",
 )
-
-
-def tiny_config(**overrides) -> ViTConfig:
-    settings = dict(
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-    )
-    settings.update(overrides)
-    return ViTConfig(**settings)
 
 
 def tiny_model(seed: int = 0, **overrides) -> ViTForImageClassification:
