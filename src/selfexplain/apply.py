@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -13,7 +15,16 @@ from transformers import PretrainedConfig, PreTrainedModel, ViTConfig
 
 from .checkpoint_keys import serialized_names
 from .errors import ExplanationVectorError, IncompatibleExplanationVectorError
-from .explanation_vector import FINGERPRINT_FIELDS, ExplanationVector, architecture_fingerprint
+from .explanation_vector import (
+    FINGERPRINT_FIELDS,
+    ExplanationVector,
+    ExplanationVectorConfig,
+    all_finite,
+    architecture_fingerprint,
+    iter_vector_tensors,
+    load_vector_config,
+    resolve_vector_weights,
+)
 from .modeling_self_explaining_vit import ViTForSelfExplainingClassification
 
 logger = logging.getLogger(__name__)
@@ -72,6 +83,11 @@ def apply_explanation_vector(
     The update is all or nothing: if anything fails while an in-place update is being written (even a
     `KeyboardInterrupt`), the parameters already written are restored before the error propagates.
 
+    Memory: given a Hub id or folder for both, the fastest and leanest path, the vector is never held whole:
+    its tensors are read one at a time and added into the freshly loaded model where it lives, so the peak is
+    the model plus one tensor. A loaded `ViTForImageClassification` costs one copy of the model (the new one);
+    `inplace=True` holds one copy of the updated tensors, so that a refused vector never touches the model.
+
     Example:
         ```python
         >>> from selfexplain import apply_explanation_vector
@@ -80,22 +96,36 @@ def apply_explanation_vector(
         >>> explaining.save_pretrained("out")        # or .push_to_hub("me/vit-cats-vs-dogs-explaining")
         ```
     """
-    if not isinstance(vector, ExplanationVector):
-        vector = ExplanationVector.from_pretrained(
-            vector,
-            revision=vector_revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-        )
-    alpha = vector.config.recommended_alpha if alpha is None else float(alpha)
-    if not torch.isfinite(torch.tensor(alpha)):
+    if isinstance(vector, ExplanationVector):
+        config = vector.config
+        vector_source = None
+        # The tensors are the truth for a vector in memory (its `tensors` dict may have been edited).
+        shapes = {key: tuple(tensor.shape) for key, tensor in vector.tensors.items()}
+    else:
+        # Only the config now: the weights are downloaded once the model is known to fit, and then streamed.
+        vector_source = str(vector)
+        vector_download = {
+            "revision": vector_revision,
+            "cache_dir": cache_dir,
+            "local_files_only": local_files_only,
+            "token": token,
+        }
+        config = load_vector_config(vector_source, vector_download)
+        shapes = {key: tuple(spec["shape"]) for key, spec in config.tensors.items()}
+    alpha = config.recommended_alpha if alpha is None else float(alpha)
+    if not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}.")
 
     owned = not isinstance(model, PreTrainedModel)
     if owned:
         source = str(model)
-        _check_config_before_loading(source, vector, revision, token, cache_dir, local_files_only)
+        _check_config_before_loading(source, config, revision, token, cache_dir, local_files_only)
+    if vector_source is not None:
+        weights_file = resolve_vector_weights(vector_source, config, vector_download)
+        deltas = iter_vector_tensors(weights_file, config, vector_source)
+    else:
+        deltas = iter(sorted(vector.tensors.items()))
+    if owned:
         model = ViTForSelfExplainingClassification.from_pretrained(
             source,
             revision=revision,
@@ -105,38 +135,106 @@ def apply_explanation_vector(
             **from_pretrained_kwargs,
         )
 
-    name_map = _validate(model, vector)
-    _warn_on_base_mismatch(model.config, vector)
+    name_map = _validate(model, config, shapes)
+    _warn_on_base_mismatch(model.config, config)
 
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
-    # Compute every new tensor before touching the model: an error here leaves it exactly as it was, and the
-    # whole update holds one extra copy of the vector's tensors (the backbone), never a second full model.
-    updates: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for key, delta in vector.tensors.items():
-            param = params[name_map[key]]
-            if alpha == 0.0:
-                continue
-            new = (param.detach().to(torch.float32) + alpha * delta.to(device=param.device)).to(param.dtype)
-            if not torch.isfinite(new).all() and torch.isfinite(param).all():
-                raise ExplanationVectorError(
-                    f"alpha={alpha} times the vector's {key!r} makes {name_map[key]!r} overflow {param.dtype} "
-                    "(or the vector holds NaN/Inf); the model was not changed."
-                )
-            updates[name_map[key]] = new
-
-    if owned or (inplace and isinstance(model, ViTForSelfExplainingClassification)):
+    if owned:
+        # Nobody else holds this model: if anything fails it is dropped, so it is updated as the vector streams in.
         target = model
-        _copy_all_or_nothing(params, updates)
+        _stream_into(_named_tensors(target), name_map, deltas, alpha)
+    elif inplace and isinstance(model, ViTForSelfExplainingClassification):
+        target = model
+        tensors = _named_tensors(target)
+        _copy_all_or_nothing(tensors, _updated_tensors(tensors, name_map, deltas, alpha))
     else:
-        target = _new_self_explaining_model(model, updates)
-    provenance = {"vector_base_model": vector.config.base_model, "alpha": alpha}
+        target = _new_self_explaining_model(model)
+        _stream_into(_named_tensors(target), name_map, deltas, alpha)
+    provenance = {"vector_base_model": config.base_model, "alpha": alpha}
     target.config.selfexplain_applied_vector = provenance
     return target
 
 
-def _copy_all_or_nothing(params: dict[str, torch.Tensor], updates: dict[str, torch.Tensor]) -> None:
+def _named_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    return tensors
+
+
+def _stream_into(
+    params: Mapping[str, torch.Tensor],
+    name_map: Mapping[str, str],
+    deltas: Iterator[tuple[str, torch.Tensor]],
+    alpha: float,
+) -> None:
+    """θ ← θ + α·τ tensor by tensor as the deltas arrive, for a model no caller holds (it is dropped on error).
+
+    Beside the model, this holds one of the vector's tensors and at most one temporary at a time.
+    """
+    with torch.no_grad():
+        for key, delta in deltas:
+            param = params[name_map[key]]
+            if param.dtype == torch.float32:
+                _check_shape(key, delta, param)
+                if alpha != 0.0:
+                    was_finite = all_finite(param)
+                    param.add_(_scaled(delta, alpha, param.device))  # where it lives: no second copy
+                    _check_finite(key, param, was_finite, alpha, name_map[key])
+            else:
+                new = _updated(key, param, delta, alpha, name_map[key])
+                if new is not None:
+                    param.copy_(new)
+
+
+def _updated_tensors(
+    params: Mapping[str, torch.Tensor],
+    name_map: Mapping[str, str],
+    deltas: Iterator[tuple[str, torch.Tensor]],
+    alpha: float,
+) -> dict[str, torch.Tensor]:
+    """Every θ + α·τ, computed and checked before anything is written (a refused vector never touches θ)."""
+    updates = {}
+    with torch.no_grad():
+        for key, delta in deltas:
+            new = _updated(key, params[name_map[key]], delta, alpha, name_map[key])
+            if new is not None:
+                updates[name_map[key]] = new
+    return updates
+
+
+def _updated(
+    key: str, param: torch.Tensor, delta: torch.Tensor, alpha: float, name: str
+) -> torch.Tensor | None:
+    """θ + α·τ as a new tensor in θ's dtype, computed in float32 (None when α = 0: θ stays as it is)."""
+    _check_shape(key, delta, param)
+    if alpha == 0.0:
+        return None
+    new = (param.detach().to(torch.float32) + _scaled(delta, alpha, param.device)).to(param.dtype)
+    _check_finite(key, new, all_finite(param), alpha, name)
+    return new
+
+
+def _scaled(delta: torch.Tensor, alpha: float, device: torch.device) -> torch.Tensor:
+    # α·τ rounded first, then added: the same bits as computing `θ + α * τ` by hand (a fused add would not be).
+    delta = delta.to(device)
+    return delta if alpha == 1.0 else delta * alpha
+
+
+def _check_shape(key: str, delta: torch.Tensor, param: torch.Tensor) -> None:
+    if tuple(delta.shape) != tuple(param.shape):  # adding would broadcast a smaller tensor
+        raise IncompatibleExplanationVectorError(
+            f"The vector's {key!r} has shape {tuple(delta.shape)}, the model's {tuple(param.shape)}."
+        )
+
+
+def _check_finite(key: str, new: torch.Tensor, was_finite: bool, alpha: float, name: str) -> None:
+    if was_finite and not all_finite(new):
+        raise ExplanationVectorError(
+            f"alpha={alpha} times the vector's {key!r} makes {name!r} overflow {new.dtype} "
+            "(or the vector holds NaN/Inf); the model was not changed."
+        )
+
+
+def _copy_all_or_nothing(params: Mapping[str, torch.Tensor], updates: dict[str, torch.Tensor]) -> None:
     """Copy each update into its parameter in place; if any copy fails, restore those already written.
 
     Copying (rather than swapping storage) keeps every parameter's identity and storage, so optimizers, hooks
@@ -155,23 +253,26 @@ def _copy_all_or_nothing(params: dict[str, torch.Tensor], updates: dict[str, tor
             raise
 
 
-def _validate(model: PreTrainedModel, vector: ExplanationVector) -> dict[str, str]:
-    problems = check_compatible(vector.config.architecture, vector.config.model_type, model.config)
+def _validate(
+    model: PreTrainedModel, config: ExplanationVectorConfig, shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, str]:
+    """Check the vector's architecture, keys and shapes against `model`; return serialized → model names."""
+    problems = check_compatible(config.architecture, config.model_type, model.config)
     name_map = serialized_names(model)
     state_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing, wrong_shape = [], []
-    for key, delta in vector.tensors.items():
+    for key, shape in shapes.items():
         if key not in name_map:
             missing.append(key)
-        elif state_shapes[name_map[key]] != tuple(delta.shape):
-            wrong_shape.append(f"{key}: vector {tuple(delta.shape)}, model {state_shapes[name_map[key]]}")
+        elif state_shapes[name_map[key]] != shape:
+            wrong_shape.append(f"{key}: vector {shape}, model {state_shapes[name_map[key]]}")
     if missing:
         problems.append(f"{len(missing)} vector key(s) not in the model, e.g. {missing[:3]}")
     if wrong_shape:
         problems.append(f"{len(wrong_shape)} shape mismatch(es), e.g. {wrong_shape[:3]}")
     if problems:
         raise IncompatibleExplanationVectorError(
-            f"The explanation vector (base {vector.config.base_model!r}) does not fit this "
+            f"The explanation vector (base {config.base_model!r}) does not fit this "
             f"{type(model).__name__}; the model was not changed:\n  - " + "\n  - ".join(problems)
         )
     return name_map
@@ -179,7 +280,7 @@ def _validate(model: PreTrainedModel, vector: ExplanationVector) -> dict[str, st
 
 def _check_config_before_loading(
     source: str,
-    vector: ExplanationVector,
+    vector_config: ExplanationVectorConfig,
     revision: str | None,
     token: str | bool | None,
     cache_dir: str | os.PathLike | None,
@@ -194,22 +295,22 @@ def _check_config_before_loading(
         source, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
     )
     model_type = config_dict.get("model_type")
-    if model_type != vector.config.model_type:
-        problems = [f"model_type: vector {vector.config.model_type!r}, model {model_type!r}"]
+    if model_type != vector_config.model_type:
+        problems = [f"model_type: vector {vector_config.model_type!r}, model {model_type!r}"]
     else:
         problems = check_compatible(
-            vector.config.architecture, vector.config.model_type, ViTConfig.from_dict(config_dict)
+            vector_config.architecture, vector_config.model_type, ViTConfig.from_dict(config_dict)
         )
     if problems:
         raise IncompatibleExplanationVectorError(
-            f"The explanation vector (base {vector.config.base_model!r}) does not fit {source}:\n  - "
+            f"The explanation vector (base {vector_config.base_model!r}) does not fit {source}:\n  - "
             + "\n  - ".join(problems)
         )
 
 
-def _warn_on_base_mismatch(config: PretrainedConfig, vector: ExplanationVector) -> None:
+def _warn_on_base_mismatch(config: PretrainedConfig, vector_config: ExplanationVectorConfig) -> None:
     model_base = getattr(config, BASE_MODEL_ATTRIBUTE, None)
-    vector_base = vector.config.base_model
+    vector_base = vector_config.base_model
     if model_base and vector_base and model_base != vector_base:
         warnings.warn(
             f"The model records base {model_base!r} but the vector was made from base {vector_base!r}. "
@@ -219,19 +320,14 @@ def _warn_on_base_mismatch(config: PretrainedConfig, vector: ExplanationVector) 
         )
 
 
-def _new_self_explaining_model(
-    model: PreTrainedModel, updates: dict[str, torch.Tensor]
-) -> ViTForSelfExplainingClassification:
-    """A `ViTForSelfExplainingClassification` holding `updates` and copies of `model`'s other tensors."""
+def _new_self_explaining_model(model: PreTrainedModel) -> ViTForSelfExplainingClassification:
+    """A `ViTForSelfExplainingClassification` holding copies of `model`'s tensors (the input is never written)."""
     config = copy.deepcopy(model.config)
     config.architectures = [ViTForSelfExplainingClassification.__name__]
     # Build on the meta device: no memory is allocated for weights that are replaced right away.
     with torch.device("meta"):
         new = ViTForSelfExplainingClassification(config)
-    state = {
-        name: updates[name] if name in updates else tensor.detach().clone()
-        for name, tensor in model.state_dict().items()
-    }
+    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     new.load_state_dict(state, strict=True, assign=True)
     new.train(model.training)
     return new

@@ -15,7 +15,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -435,12 +435,9 @@ class ExplanationVector:
             "token": token,
             "force_download": force_download,
         }
-        # The config is read and checked against the architecture before the weights are even downloaded, so a
-        # vector that declares more than its architecture can hold never costs a download, a read or memory.
-        config = _read_config(_resolve_config_file(source, download_kwargs), source)
-        _check_declared_tensors(config, f"{source}/{VECTOR_CONFIG_NAME}")
-        tensors = _read_tensors(_resolve_weights_file(source, download_kwargs), config, source)
-        return cls(tensors, config)
+        config = load_vector_config(source, download_kwargs)
+        weights_file = resolve_vector_weights(source, config, download_kwargs)
+        return cls(dict(iter_vector_tensors(weights_file, config, source)), config)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -563,7 +560,25 @@ def _json_depth(data: Any) -> int:
     return deepest
 
 
-def _read_tensors(path: str, config: ExplanationVectorConfig, source: str) -> dict[str, torch.Tensor]:
+def load_vector_config(source: str, download_kwargs: Mapping[str, Any]) -> ExplanationVectorConfig:
+    """Read and check a vector's config (local folder or Hub repo) without touching its weights.
+
+    The config is checked against the architecture it names, so a vector that declares more than its
+    architecture can hold never costs a download, a read or memory.
+    """
+    config = _read_config(_resolve_config_file(source, download_kwargs), source)
+    _check_declared_tensors(config, f"{source}/{VECTOR_CONFIG_NAME}")
+    return config
+
+
+def resolve_vector_weights(
+    source: str, config: ExplanationVectorConfig, download_kwargs: Mapping[str, Any]
+) -> str:
+    """The local path of the vector's safetensors file (downloaded if needed), its header checked against `config`.
+
+    Every header entry (keys, shapes, dtypes) is checked before any tensor data is read.
+    """
+    path = _resolve_weights_file(source, download_kwargs)
     where = f"{source}/{VECTOR_WEIGHTS_NAME}"
     _check_header_size(path, where)
     try:
@@ -578,7 +593,6 @@ def _read_tensors(path: str, config: ExplanationVectorConfig, source: str) -> di
                 f"{where} does not hold the tensors its config declares: "
                 f"missing {sorted(declared - keys)[:5]}, unexpected {sorted(keys - declared)[:5]}."
             )
-        # Check every header entry before reading any data.
         for key in sorted(keys):
             spec = config.tensors[key]
             view = f.get_slice(key)
@@ -592,18 +606,43 @@ def _read_tensors(path: str, config: ExplanationVectorConfig, source: str) -> di
                     f"{where}: tensor {key!r} is {view.get_dtype()}, the config declares {expected_dtype} "
                     "(explanation vectors hold float32, float16 or bfloat16)."
                 )
-        tensors = {}
-        for key in sorted(keys):
-            try:
+    return path
+
+
+def iter_vector_tensors(
+    path: str, config: ExplanationVectorConfig, source: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(key, float32 tensor)` in key order, one tensor in memory at a time, each checked to be finite.
+
+    `path` must have passed `resolve_vector_weights`. The file is mapped anew for each tensor: a mapping keeps
+    every page read through it in the process's resident memory until it is closed, so one mapping for the
+    whole file would hold a second copy of the vector while `apply_explanation_vector` streams it into a model.
+    """
+    where = f"{source}/{VECTOR_WEIGHTS_NAME}"
+    for key in sorted(config.tensors):
+        try:
+            with safe_open(path, framework="pt") as f:
                 tensor = f.get_tensor(key).to(torch.float32)
-            except Exception as err:
-                raise InvalidExplanationVectorError(
-                    f"{where}: tensor {key!r} could not be read: {err}."
-                ) from err
-            if not torch.isfinite(tensor).all():
-                raise InvalidExplanationVectorError(f"{where}: tensor {key!r} contains NaN or Inf values.")
-            tensors[key] = tensor
-    return tensors
+        except Exception as err:
+            raise InvalidExplanationVectorError(f"{where}: tensor {key!r} could not be read: {err}.") from err
+        # The file may have been replaced since its header was checked.
+        if list(tensor.shape) != config.tensors[key]["shape"]:
+            raise InvalidExplanationVectorError(
+                f"{where}: tensor {key!r} has shape {list(tensor.shape)}, the config declares "
+                f"{config.tensors[key]['shape']}."
+            )
+        if not all_finite(tensor):
+            raise InvalidExplanationVectorError(f"{where}: tensor {key!r} contains NaN or Inf values.")
+        yield key, tensor
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value of `tensor` is finite, in one reduction for the common (finite) case.
+
+    A sum is finite only if every term is (NaN and ±Inf propagate), so a finite float32 sum settles it without
+    materialising a boolean mask; an infinite sum can also be an overflow of finite terms: check element-wise.
+    """
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 
 
 def _check_header_size(path: str, where: str) -> None:
