@@ -269,3 +269,12 @@ def test_applying_from_files_holds_the_model_and_one_tensor_not_the_vector(tmp_p
     assert peak < 1.4 * vector_bytes, (
         f"peak extra RSS {peak / 2**20:.0f} MiB, vector {vector_bytes / 2**20:.0f} MiB"
     )
+
+
+def test_a_loaded_model_is_checked_against_the_vector_config_before_the_weights_are_read(tmp_path, vector):
+    from selfexplain.explanation_vector import VECTOR_WEIGHTS_NAME
+
+    vector.save_pretrained(tmp_path / "vec")
+    (tmp_path / "vec" / VECTOR_WEIGHTS_NAME).write_bytes(b"not safetensors")  # would fail if it were read
+    with pytest.raises(IncompatibleExplanationVectorError, match="hidden_size"):
+        apply_explanation_vector(tiny_classifier(hidden_size=48), tmp_path / "vec")

@@ -116,10 +116,13 @@ def apply_explanation_vector(
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}.")
 
+    # Everything that can be checked from configs is checked before any weights are downloaded or read.
     owned = not isinstance(model, PreTrainedModel)
     if owned:
         source = str(model)
         _check_config_before_loading(source, config, revision, token, cache_dir, local_files_only)
+    else:
+        name_map = _validate(model, config, shapes)
     if vector_source is not None:
         weights_file = resolve_vector_weights(vector_source, config, vector_download)
         deltas = iter_vector_tensors(weights_file, config, vector_source)
@@ -134,8 +137,7 @@ def apply_explanation_vector(
             local_files_only=local_files_only,
             **from_pretrained_kwargs,
         )
-
-    name_map = _validate(model, config, shapes)
+        name_map = _validate(model, config, shapes)
     _warn_on_base_mismatch(model.config, config)
 
     if owned:
