@@ -30,21 +30,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, load_from_disk
-from datasets import Image as ImageFeature
-from PIL import Image
+from datasets import DatasetDict, load_from_disk
 from safetensors.torch import load_file
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import ViTForImageClassification
 
 from selfexplain.data import default_image_processor
 from selfexplain.targets import add_explanation_targets
 from selfexplain.training import add_train_arguments, latest_checkpoint, train_from_args
+from tests._squares import IMAGE_SIZE, coloured_squares
+from tests._tiny import tiny_classifier
 
 pytestmark = pytest.mark.slow
 
-IMAGE_SIZE = 16
 PATCH_SIZE = 8  # a 2 × 2 patch grid
-LABELS = ["red", "green", "blue"]
 STEPS = 12  # 48 examples, batch 8, 2 epochs
 CHECKPOINT_EVERY = 3
 TIMEOUT_S = 120.0
@@ -150,56 +148,14 @@ def one_thread():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def tiny_vit(seed: int, num_labels: int, dropout: float = 0.0) -> ViTForImageClassification:
-    config = ViTConfig(
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=num_labels,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(seed)
-    return ViTForImageClassification(config).eval()
-
-
-def coloured_squares(num_examples: int, seed: int) -> Dataset:
-    """The label is the colour of a bright 8 × 8 square (one patch); targets mark that patch."""
-    rng = np.random.default_rng(seed)
-    images, labels, targets = [], [], []
-    for _ in range(num_examples):
-        label, patch = int(rng.integers(0, 3)), int(rng.integers(0, 4))
-        pixels = rng.integers(0, 60, (IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.uint8)
-        y, x = 8 * (patch // 2), 8 * (patch % 2)
-        pixels[y : y + 8, x : x + 8, label] += 180
-        target = np.zeros((3, 2, 2), dtype=np.float32)
-        target[:, patch // 2, patch % 2] = -0.05
-        target[label, patch // 2, patch % 2] = 0.1
-        images.append(Image.fromarray(pixels))
-        labels.append(label)
-        targets.append(target)
-    features = Features(
-        {
-            "image": ImageFeature(),
-            "label": ClassLabel(names=LABELS),
-            "explanation_targets": Array3D((3, 2, 2), "float32"),
-        }
-    )
-    return Dataset.from_dict(
-        {"image": images, "label": labels, "explanation_targets": targets}, features=features
-    )
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """``base/``: 5 labels (a fresh head is drawn) and dropout (the global RNG must be restored on resume);
     ``data/``: train (48, with targets) and validation (16) splits saved with ``save_to_disk``."""
     root = tmp_path_factory.mktemp("faults")
-    tiny_vit(seed=0, num_labels=5, dropout=0.1).save_pretrained(root / "base")
+    tiny_classifier(seed=0, patch_size=PATCH_SIZE, num_labels=5, hidden_dropout_prob=0.1).save_pretrained(
+        root / "base"
+    )
     default_image_processor(IMAGE_SIZE).save_pretrained(root / "base")
     DatasetDict(
         {"train": coloured_squares(48, seed=0), "validation": coloured_squares(16, seed=1)}
@@ -392,7 +348,7 @@ def test_targets_killed_mid_way_keep_finished_shards_and_recompute_only_the_rest
     rng = random.Random(11)
     images = coloured_squares(36, seed=2).remove_columns("explanation_targets")
     images.save_to_disk(tmp_path / "images")
-    tiny_vit(seed=3, num_labels=3).save_pretrained(tmp_path / "source")
+    tiny_classifier(seed=3, patch_size=PATCH_SIZE, num_labels=3).save_pretrained(tmp_path / "source")
     job = tmp_path / "targets_job.py"
     job.write_text(TARGETS_JOB.format(image_size=IMAGE_SIZE, budget=TARGETS_BUDGET, num_shards=NUM_SHARDS))
     args = (str(job), str(tmp_path / "images"), str(tmp_path / "source"), str(tmp_path / "cache"))

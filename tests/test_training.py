@@ -13,10 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features
-from datasets import Image as ImageFeature
+from datasets import ClassLabel, DatasetDict
 from huggingface_hub import HfApi
-from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, ViTForImageClassification
 
@@ -25,10 +23,9 @@ from selfexplain.apply import BASE_MODEL_ATTRIBUTE
 from selfexplain.data import build_transform, default_image_processor
 from selfexplain.targets import add_explanation_targets
 from selfexplain.training import TrainingConfig, latest_checkpoint, pretrain_base, train
+from tests._squares import IMAGE_SIZE, LABELS, coloured_squares
 from tests._tiny import tiny_classifier
 
-IMAGE_SIZE = 16
-LABELS = ["red", "green", "blue"]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,34 +36,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def coloured_squares(num_examples: int, seed: int) -> Dataset:
-    """A task a tiny ViT learns in seconds: the colour (label) of a bright 8x8 square in a random quadrant.
-    Targets on the 2x2 player grid: +0.1 at the square for the true class, -0.05 there for the others."""
-    rng = np.random.default_rng(seed)
-    images, labels, targets = [], [], []
-    for _ in range(num_examples):
-        label, quadrant = int(rng.integers(0, 3)), int(rng.integers(0, 4))
-        pixels = rng.integers(0, 60, (IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.uint8)
-        y, x = 8 * (quadrant // 2), 8 * (quadrant % 2)
-        pixels[y : y + 8, x : x + 8, label] += 180
-        target = np.zeros((3, 2, 2), dtype=np.float32)
-        target[:, quadrant // 2, quadrant % 2] = -0.05
-        target[label, quadrant // 2, quadrant % 2] = 0.1
-        images.append(Image.fromarray(pixels))
-        labels.append(label)
-        targets.append(target)
-    features = Features(
-        {
-            "image": ImageFeature(),
-            "label": ClassLabel(names=LABELS),
-            "explanation_targets": Array3D((3, 2, 2), "float32"),
-        }
-    )
-    return Dataset.from_dict(
-        {"image": images, "label": labels, "explanation_targets": targets}, features=features
-    )
 
 
 @pytest.fixture(scope="module")
