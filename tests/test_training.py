@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, DatasetDict
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, ViTForImageClassification
 
@@ -187,6 +187,10 @@ def test_explanation_loss_decreases_with_lambda(base, data, tmp_path):
     assert "train_explanation_loss" in metrics and metrics["eval_accuracy"] > 0.5
     model = ViTForSelfExplainingClassification.from_pretrained(tmp_path)
     assert model.config.explanation_loss_weight == 5.0
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "A **self-explaining** Vision Transformer" in card.text and "prediction-only" not in card.text
+    assert f"| eval_accuracy | {metrics['eval_accuracy']:.4g} |" in card.text
+    assert "| explanation loss weight λ | 5 |" in card.text and "| explanation loss | mse |" in card.text
 
 
 class CrashingProcessor:
@@ -252,7 +256,13 @@ def test_push_to_hub_uploads_the_final_model(hub, plain_base, data, tmp_path):
                  hub_model_id="trainer/tiny-pred", hub_token=hub.token)  # fmt: skip
     metrics = train(cfg, train_data)
     files = set(HfApi(token=hub.token).list_repo_files("trainer/tiny-pred", revision=metrics["hub_commit"]))
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "log.jsonl"} <= files
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "log.jsonl", "README.md"} <= files
+    card = ModelCard.load(hf_hub_download("trainer/tiny-pred", "README.md", revision=metrics["hub_commit"]))
+    card.validate()  # the loopback Hub's validate-yaml, as a push through the Hub would
+    assert "A **prediction-only** Vision Transformer" in card.text
+    assert (
+        card.data.library_name == "transformers" and card.data.base_model is None
+    )  # the base is a local folder
     assert not any(name.startswith("checkpoints/") for name in files) and "batches.jsonl" not in files
     pulled = ViTForSelfExplainingClassification.from_pretrained(
         "trainer/tiny-pred", revision=metrics["hub_commit"]

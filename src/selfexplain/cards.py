@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 if TYPE_CHECKING:
     from .explanation_vector import ExplanationVectorConfig
@@ -17,10 +20,10 @@ def _template(name: str) -> str:
     return resources.files("selfexplain").joinpath("model_cards", name).read_text(encoding="utf-8")
 
 
-def _metrics_table(metrics: dict[str, Any] | None) -> str:
+def _metrics_table(metrics: dict[str, Any] | None, header: str = "metric") -> str:
     if not metrics:
         return ""
-    rows = ["| metric | value |", "|---|---|"]
+    rows = [f"| {header} | value |", "|---|---|"]
     for key, value in metrics.items():
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
         rows.append(f"| {key} | {shown} |")
@@ -70,11 +73,18 @@ def render_model_card(
     alpha: float | None = None,
     metrics: dict[str, Any] | None = None,
     label_names: list[str] | None = None,
+    training: dict[str, Any] | None = None,
+    prediction_only: bool = False,
 ) -> ModelCard:
-    """The `README.md` of a self-explaining model repo."""
+    """The `README.md` of a self-explaining model repo.
+
+    `training` (shown as a table; from `selfexplain.training.train`) says how the model was trained;
+    `prediction_only` describes a classifier trained with explanation loss weight 0 (the partner of a
+    self-explaining one when an explanation vector is extracted), whose explanation output was never trained.
+    """
     card_data = ModelCardData(
         library_name="transformers",
-        base_model=base_model,
+        base_model=base_model if _is_hub_id(base_model) else None,
         pipeline_tag="image-classification",
         tags=list(TAGS) + ["self-explaining"],
         license="apache-2.0",
@@ -88,7 +98,20 @@ def render_model_card(
         alpha=alpha,
         metrics_table=_metrics_table(metrics),
         label_names=label_names,
+        prediction_only=prediction_only,
+        training_table=_metrics_table(training, header="setting"),
     )
+
+
+def _is_hub_id(name: str | None) -> bool:
+    """Whether `name` can be a Hub repo id (a local folder, e.g. an offline base, is not card metadata)."""
+    if not name or os.path.exists(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _numel(shape: list[int]) -> int:

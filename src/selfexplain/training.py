@@ -878,11 +878,39 @@ class _Run:
                 result[f"train_{key}"] = self.last_train_log[key]
         if self.eval_history:
             result.update({k: v for k, v in self.eval_history[-1].items() if k.startswith("eval_")})
+        if accelerator.is_main_process:
+            self._write_model_card(model, result)
         accelerator.wait_for_everyone()
         if self.config.push_to_hub and accelerator.is_main_process:
             result["hub_commit"] = _push_folder(self.config, self.output_dir)
         accelerator.wait_for_everyone()
         return result
+
+    def _write_model_card(self, model: ViTForSelfExplainingClassification, result: dict[str, Any]) -> None:
+        """`README.md` beside the weights: what was trained, how, and the final metrics (pushed with them)."""
+        from .cards import render_model_card
+
+        cfg = self.config
+        base = cfg.base + (f" (revision {cfg.base_revision})" if cfg.base_revision else "")
+        training = {
+            "base model": base,
+            "training data": cfg.source_dataset or "not recorded",
+            "explanation loss weight λ": cfg.explanation_loss_weight,
+            "explanation loss": cfg.explanation_loss if cfg.explanation_loss_weight > 0 else "—",
+            "recipe": ", ".join(f"{key}={value}" for key, value in cfg.recipe.items() if key != "base"),
+            "optimizer steps": result["global_step"],
+            "epochs": result["epoch"],
+        }
+        metrics = {k: v for k, v in result.items() if k.startswith(("eval_", "train_"))}
+        card = render_model_card(
+            cfg.hub_model_id or self.output_dir.resolve().name,
+            base_model=getattr(model.config, BASE_MODEL_ATTRIBUTE, None),
+            metrics=metrics,
+            label_names=[model.config.id2label[i] for i in range(model.config.num_labels)],
+            training=training,
+            prediction_only=cfg.explanation_loss_weight == 0,
+        )
+        card.save(self.output_dir / "README.md")
 
 
 class _LossWindow:
