@@ -948,6 +948,40 @@ def test_a_folder_with_only_a_pickle_is_refused_and_the_pickle_never_opened(tmp_
     assert not marker.exists()
 
 
+def _pickle_only_classifier(folder: Path, marker: Path) -> Path:
+    """A classifier folder whose weights are only a pickle that creates `marker` when unpickled."""
+    folder.mkdir()
+    tiny_classifier(seed=78).config.save_pretrained(folder)
+    (folder / "pytorch_model.bin").write_bytes(malicious_pickle(marker))
+    return folder
+
+
+def test_a_classifier_with_only_pickled_weights_is_refused_and_never_unpickled(tmp_path, vector):
+    marker = tmp_path / "UNPICKLED"
+    folder = _pickle_only_classifier(tmp_path / "pickled-classifier", marker)
+    with pytest.raises(OSError, match="safetensors weights only") as info:
+        ViTForSelfExplainingClassification.from_pretrained(folder)
+    assert "use_safetensors=None" in str(info.value)
+    with pytest.raises(OSError, match="safetensors weights only"):
+        apply_explanation_vector(folder, vector)
+    assert not marker.exists()
+    # The way out the message names works, for a checkpoint one trusts (here: real weights, torch.save'd).
+    torch.save(tiny_classifier(seed=78).state_dict(), folder / "pytorch_model.bin")
+    loaded = ViTForSelfExplainingClassification.from_pretrained(folder, use_safetensors=None)
+    assert torch.equal(loaded.classifier.weight, tiny_classifier(seed=78).classifier.weight)
+
+
+def test_a_pickled_classifier_on_the_hub_is_refused_before_its_weights_are_downloaded(hub, tmp_path, vector):
+    marker = tmp_path / "UNPICKLED"
+    hub.create_repo_from_folder(
+        "robust/pickled-classifier", _pickle_only_classifier(tmp_path / "pickled", marker)
+    )
+    with pytest.raises(OSError, match="safetensors weights only"):
+        apply_explanation_vector("robust/pickled-classifier", vector)
+    assert hub.download_count("robust/pickled-classifier", "pytorch_model.bin") == 0
+    assert not marker.exists()
+
+
 def _trust_remote_code_uses(source: str, filename: str) -> list[str]:
     """Every call keyword or dict key named `trust_remote_code` in `source` (docstrings may mention it)."""
     found = []

@@ -99,6 +99,35 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
         # transformers picks the loss from the class name; ours does not end in "ForImageClassification".
         self.loss_type = "ForImageClassification"
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *model_args, use_safetensors: bool | None = True, **kwargs
+    ) -> ViTForSelfExplainingClassification:
+        """`PreTrainedModel.from_pretrained`, except that only safetensors weights are read by default.
+
+        Loading a pickled checkpoint (`pytorch_model.bin`) unpickles a file from whoever published the repo;
+        `use_safetensors=True` (the default here; transformers' is `None`) refuses such repos with a clear
+        error instead. Pass `use_safetensors=None` to fall back to a pickled checkpoint you trust.
+
+        Example:
+            ```python
+            >>> model = ViTForSelfExplainingClassification.from_pretrained("google/vit-base-patch16-224")
+            >>> out = model(pixel_values)  # logits as ViTForImageClassification, plus out.explanation
+            ```
+        """
+        try:
+            return super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, use_safetensors=use_safetensors, **kwargs
+            )
+        except OSError as err:
+            # transformers' own message says which safetensors file is missing; add why and the way out.
+            if use_safetensors and "safetensors" in str(err):
+                raise OSError(
+                    f"{err}\nselfexplain reads safetensors weights only: a pickled checkpoint (pytorch_model.bin) "
+                    "can run code when it is loaded. If you trust this one, pass `use_safetensors=None`."
+                ) from err
+            raise
+
     @can_return_tuple
     def forward(
         self,
