@@ -23,3 +23,17 @@ def hub():
 
 
 # --- end of Hub fixture -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`).
+
+    Tiny tensors run faster on one thread than on two, and far faster when other jobs share the cores.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

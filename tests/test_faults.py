@@ -40,7 +40,7 @@ from selfexplain.training import add_train_arguments, latest_checkpoint, train_f
 from tests._squares import IMAGE_SIZE, coloured_squares
 from tests._tiny import tiny_classifier
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # children use OMP_NUM_THREADS=1 too
 
 PATCH_SIZE = 8  # a 2 × 2 patch grid
 STEPS = 12  # 48 examples, batch 8, 2 epochs
@@ -132,15 +132,6 @@ out.save_to_disk(output)
 """
 TARGETS_BUDGET = 12
 NUM_SHARDS = 6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The in-process reference runs use one intra-op thread, like the children (``OMP_NUM_THREADS=1``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------------------

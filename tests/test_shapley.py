@@ -7,10 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import ViTForImageClassification
 
 from selfexplain.masking import grid_to_pixel_mask, make_baseline
 from selfexplain.shapley import exact_shapley_values, kernel_shap_values
+from tests._tiny import tiny_classifier
 
 
 class LinearPixelModel(nn.Module):
@@ -40,20 +41,8 @@ def additive_shapley(model: LinearPixelModel, pixel_values, baseline, grid) -> t
 
 
 def tiny_vit(num_labels: int = 3) -> ViTForImageClassification:
-    config = ViTConfig(
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=num_labels,
-        # A wide initialisation makes the random model clearly non-additive in its patches.
-        initializer_range=0.5,
-    )
-    torch.manual_seed(0)
-    return ViTForImageClassification(config).eval()
+    # A wide initialisation makes the random model clearly non-additive in its patches.
+    return tiny_classifier(seed=0, num_labels=num_labels, initializer_range=0.5)
 
 
 def model_outputs(model, pixel_values, value: str) -> torch.Tensor:

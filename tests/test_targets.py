@@ -16,15 +16,7 @@ from selfexplain.targets import add_explanation_targets, example_seed
 from tests._tiny import tiny_classifier
 
 IMAGE_SIZE = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CountingModel(nn.Module):
