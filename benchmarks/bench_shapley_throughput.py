@@ -12,36 +12,15 @@ import argparse
 import time
 
 import torch
+from _common import VIT_MICRO16, VIT_SMALL32
 from transformers import ViTConfig, ViTForImageClassification
 
 from selfexplain.shapley import kernel_shap_values
 
 CONFIGS = {
     # name: (ViT settings, player grid)
-    "tiny-16px": (
-        dict(
-            image_size=16,
-            patch_size=4,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            num_labels=3,
-        ),
-        (4, 4),
-    ),
-    "small-32px": (
-        dict(
-            image_size=32,
-            patch_size=4,
-            hidden_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            intermediate_size=128,
-            num_labels=10,
-        ),
-        (4, 4),
-    ),
+    "tiny-16px": ({**VIT_MICRO16, "num_labels": 3}, (4, 4)),
+    "small-32px": ({**VIT_SMALL32, "num_labels": 10}, (4, 4)),
 }
 
 
