@@ -218,8 +218,8 @@ def _prepare(folder: Path, settings: dict) -> dict:
     from transformers import ViTConfig, ViTForImageClassification
 
     from selfexplain import ExplanationVector
-    from selfexplain.checkpoint_keys import serialized_state_dict
-    from selfexplain.explanation_vector import ExplanationVectorConfig, architecture_fingerprint
+    from selfexplain.vectors import ExplanationVectorConfig, architecture_fingerprint
+    from selfexplain.vectors.checkpoint_keys import serialized_state_dict
 
     torch.manual_seed(0)
     config = ViTConfig(num_channels=3, num_labels=10, **settings)
@@ -253,7 +253,7 @@ def _naive_model(config, serialized_state: dict):
     import torch
 
     from selfexplain import ViTForSelfExplainingClassification
-    from selfexplain.checkpoint_keys import serialized_names
+    from selfexplain.vectors.checkpoint_keys import serialized_names
 
     with torch.device("meta"):
         model = ViTForSelfExplainingClassification(config)
@@ -268,8 +268,8 @@ def _operation(mode: str, folder: Path):
     from transformers import AutoConfig, ViTForImageClassification
 
     from selfexplain import ExplanationVector, ViTForSelfExplainingClassification, apply_explanation_vector
-    from selfexplain.checkpoint_keys import serialized_state_dict
-    from selfexplain.explanation_vector import VECTOR_WEIGHTS_NAME
+    from selfexplain.vectors.checkpoint_keys import serialized_state_dict
+    from selfexplain.vectors.config import VECTOR_WEIGHTS_NAME
 
     model_dir, vector_dir = folder / "model", folder / "vector"
     if mode == "ours-disk":

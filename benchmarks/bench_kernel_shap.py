@@ -29,8 +29,8 @@ from _common import (
     time_once,
 )
 
-from selfexplain.metrics import pearson, spearman
-from selfexplain.shapley import exact_shapley_values, kernel_shap_values
+from selfexplain.attribution.shapley import exact_shapley_values, kernel_shap_values
+from selfexplain.evaluation.metrics import pearson, spearman
 
 BUDGET = 150
 GOAL = 10.0  # ours ≥ 10× the faster peer
@@ -172,7 +172,7 @@ def run(quick: bool) -> SectionResult:
 
 def _pre_masked_images(pixel_values: torch.Tensor, grid: tuple[int, int], budget: int) -> torch.Tensor:
     """``budget`` random half-coalitions of every image: the forward-only reference's input."""
-    from selfexplain.masking import make_baseline, mask_images
+    from selfexplain.attribution.masking import make_baseline, mask_images
 
     generator = torch.Generator().manual_seed(0)
     coalitions = torch.rand(pixel_values.shape[0], budget, *grid, generator=generator) < 0.5

@@ -30,8 +30,8 @@ from _common import (
 )
 
 from selfexplain import ViTForSelfExplainingClassification
-from selfexplain.masking import grid_to_pixel_mask
-from selfexplain.metrics import insertion_deletion_auc
+from selfexplain.attribution.masking import grid_to_pixel_mask
+from selfexplain.evaluation.metrics import insertion_deletion_auc
 
 NUM_LABELS = 10
 

@@ -31,8 +31,8 @@ from _common import (
 )
 
 from selfexplain import ViTForSelfExplainingClassification
-from selfexplain.explainers import attention_rollout, grad_cam
-from selfexplain.shapley import kernel_shap_values
+from selfexplain.attribution.shapley import kernel_shap_values
+from selfexplain.evaluation.explainers import attention_rollout, grad_cam
 
 BUDGET = 150
 

@@ -15,7 +15,7 @@ import torch
 from _common import VIT_MICRO16, VIT_SMALL32
 from transformers import ViTConfig, ViTForImageClassification
 
-from selfexplain.shapley import kernel_shap_values
+from selfexplain.attribution.shapley import kernel_shap_values
 
 CONFIGS = {
     # name: (ViT settings, player grid)

@@ -1,8 +1,8 @@
 """Adapters that run the peer libraries (shap, Captum) on the same model, players and baseline as selfexplain.
 
 Every adapter explains images on a ``(grid_h, grid_w)`` player grid, replaces removed players by the same
-baseline image (:func:`selfexplain.masking.make_baseline`) and scores softmax probabilities, so their estimates
-are comparable with :func:`selfexplain.shapley.kernel_shap_values`. The model is a
+baseline image (:func:`selfexplain.attribution.masking.make_baseline`) and scores softmax probabilities, so their estimates
+are comparable with :func:`selfexplain.attribution.shapley.kernel_shap_values`. The model is a
 :class:`_common.LogitsModel`, whose counter checks the evaluation budget each library really spends.
 """
 
@@ -17,7 +17,7 @@ import torch
 from _common import LogitsModel
 from torch import nn
 
-from selfexplain.masking import grid_to_pixel_mask, make_baseline, mask_images
+from selfexplain.attribution.masking import grid_to_pixel_mask, make_baseline, mask_images
 
 # --------------------------------------------------------------------------------------------------------
 # shap
@@ -189,7 +189,7 @@ class CaptumLayerGradCam:
     ``(B, T, D)``, so a copy of the model routes that activation through a ``(B, D, T)`` view for Captum to hook
     (the usual ``reshape_transform`` of pytorch-grad-cam). Maps are ReLU'd and drop the CLS token. Captum's
     channel weights average the gradients over all tokens, the CLS token included (ours: patches only), so the
-    maps differ from ``selfexplain.explainers.grad_cam`` by well under 1 %.
+    maps differ from ``selfexplain.evaluation.explainers.grad_cam`` by well under 1 %.
     """
 
     def __init__(self, captum_attr: ModuleType, model: nn.Module) -> None:

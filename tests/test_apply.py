@@ -12,7 +12,7 @@ from selfexplain import (
     ViTForSelfExplainingClassification,
     apply_explanation_vector,
 )
-from selfexplain.checkpoint_keys import serialized_names, serialized_state_dict
+from selfexplain.vectors.checkpoint_keys import serialized_names, serialized_state_dict
 from tests._tiny import pixels, tiny_classifier, tiny_self_explaining
 
 
@@ -240,7 +240,7 @@ def test_applying_from_files_holds_the_model_and_one_tensor_not_the_vector(tmp_p
     import sys
 
     from selfexplain import ExplanationVectorConfig
-    from selfexplain.explanation_vector import architecture_fingerprint
+    from selfexplain.vectors.compatibility import architecture_fingerprint
 
     def write(name, **overrides):
         model = tiny_classifier(seed=43, **overrides)
@@ -272,7 +272,7 @@ def test_applying_from_files_holds_the_model_and_one_tensor_not_the_vector(tmp_p
 
 
 def test_a_loaded_model_is_checked_against_the_vector_config_before_the_weights_are_read(tmp_path, vector):
-    from selfexplain.explanation_vector import VECTOR_WEIGHTS_NAME
+    from selfexplain.vectors.config import VECTOR_WEIGHTS_NAME
 
     vector.save_pretrained(tmp_path / "vec")
     (tmp_path / "vec" / VECTOR_WEIGHTS_NAME).write_bytes(b"not safetensors")  # would fail if it were read

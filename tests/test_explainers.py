@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import ViTForImageClassification
 
-from selfexplain.explainers import attention_rollout, grad_cam, patch_grid, random_explanation
+from selfexplain.evaluation.explainers import attention_rollout, grad_cam, patch_grid, random_explanation
 from tests._tiny import tiny_config
 
 HOOK_DICTS = (

@@ -14,6 +14,7 @@ from selfexplain import (
     ViTForSelfExplainingClassification,
     apply_explanation_vector,
 )
+from selfexplain.cards import render_vector_card
 from tests._tiny import pixels, tiny_classifier, tiny_self_explaining
 
 
@@ -91,7 +92,7 @@ def test_half_precision_storage_halves_the_file_and_loads_as_float32(tmp_path):
 
 def test_model_card_metadata_parses():
     vec = make_vector()
-    card = ModelCard(str(__import__("selfexplain").cards.render_vector_card(vec.config, repo_id="me/vec")))
+    card = ModelCard(str(render_vector_card(vec.config, repo_id="me/vec")))
     data = card.data.to_dict()
     assert data["library_name"] == "selfexplain"
     assert data["base_model"] == "org/tiny-base" and data["base_model_relation"] == "adapter"

@@ -34,9 +34,10 @@ from datasets import DatasetDict, load_from_disk
 from safetensors.torch import load_file
 from transformers import ViTForImageClassification
 
+from selfexplain.attribution.targets import add_explanation_targets
+from selfexplain.cli.train import add_train_arguments, train_from_args
 from selfexplain.data import default_image_processor
-from selfexplain.targets import add_explanation_targets
-from selfexplain.training import add_train_arguments, latest_checkpoint, train_from_args
+from selfexplain.training import latest_checkpoint
 from tests._squares import IMAGE_SIZE, coloured_squares
 from tests._tiny import tiny_classifier
 
@@ -55,7 +56,7 @@ POLL_S = 0.005
 #   mode "rename":   dies right before the n-th `.tmp-checkpoint-*` folder is renamed to its final name;
 #   mode "finish":   dies right before the final model is saved (after the last checkpoint and evaluation);
 #   mode "none":     no kill.
-#   entry "training" runs `selfexplain.training.main`; entry "targets" runs `targets_job` (below).
+#   entry "training" runs `selfexplain.cli.train.main`; entry "targets" runs `targets_job` (below).
 DRIVER = r"""
 import os, signal, sys
 
@@ -102,7 +103,7 @@ elif mode != "none":
     raise SystemExit(f"unknown mode {mode!r}")
 
 if entry == "training":
-    from selfexplain.training import main
+    from selfexplain.cli.train import main
 
     main(args)
 elif entry == "targets":
@@ -118,7 +119,7 @@ import logging, sys
 from datasets import load_from_disk
 from transformers import ViTForImageClassification
 from selfexplain.data import default_image_processor
-from selfexplain.targets import add_explanation_targets
+from selfexplain.attribution.targets import add_explanation_targets
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 logging.getLogger("selfexplain").setLevel(logging.INFO)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
-from selfexplain.metrics import (
+from selfexplain.evaluation.metrics import (
     METRICS_MODULE_DIR,
     accuracy,
     insertion_deletion_auc,
@@ -377,7 +377,7 @@ def test_accuracy_metric_agrees_with_plain_function() -> None:
 def test_metric_scripts_load_and_compute_offline() -> None:
     script = f"""
 import json, evaluate
-from selfexplain.metrics import load_accuracy_metric, load_explanation_metric
+from selfexplain.evaluation.metrics import load_accuracy_metric, load_explanation_metric
 assert evaluate.config.HF_EVALUATE_OFFLINE
 quality = evaluate.load({str(METRICS_MODULE_DIR / "explanation_quality.py")!r}, "localization")
 out = {{

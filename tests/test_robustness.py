@@ -46,14 +46,8 @@ from selfexplain import (
     ViTForSelfExplainingClassification,
     apply_explanation_vector,
 )
-from selfexplain.explanation_vector import (
-    MAX_CONFIG_BYTES,
-    MAX_HEADER_BYTES,
-    MAX_JSON_DEPTH,
-    MAX_NUM_LABELS,
-    VECTOR_CONFIG_NAME,
-    VECTOR_WEIGHTS_NAME,
-)
+from selfexplain.vectors.checks import MAX_CONFIG_BYTES, MAX_HEADER_BYTES, MAX_JSON_DEPTH, MAX_NUM_LABELS
+from selfexplain.vectors.config import VECTOR_CONFIG_NAME, VECTOR_WEIGHTS_NAME
 from tests._tiny import tiny_classifier, tiny_config, tiny_self_explaining
 
 FUZZ_SEED = 20240707

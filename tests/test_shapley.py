@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers import ViTForImageClassification
 
-from selfexplain.masking import grid_to_pixel_mask, make_baseline
-from selfexplain.shapley import exact_shapley_values, kernel_shap_values
+from selfexplain.attribution.masking import grid_to_pixel_mask, make_baseline
+from selfexplain.attribution.shapley import exact_shapley_values, kernel_shap_values
 from tests._tiny import tiny_classifier
 
 

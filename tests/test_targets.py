@@ -10,9 +10,9 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from torch import nn
 
+from selfexplain.attribution.shapley import kernel_shap_values
+from selfexplain.attribution.targets import add_explanation_targets, example_seed
 from selfexplain.data import build_transform, default_image_processor
-from selfexplain.shapley import kernel_shap_values
-from selfexplain.targets import add_explanation_targets, example_seed
 from tests._tiny import tiny_classifier
 
 IMAGE_SIZE = 16

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, ViTForImageClassification
 
 from selfexplain import ViTForSelfExplainingClassification
-from selfexplain.apply import BASE_MODEL_ATTRIBUTE
+from selfexplain.attribution.targets import add_explanation_targets
 from selfexplain.data import build_transform, default_image_processor
-from selfexplain.targets import add_explanation_targets
 from selfexplain.training import TrainingConfig, latest_checkpoint, pretrain_base, train
+from selfexplain.vectors.config import BASE_MODEL_ATTRIBUTE
 from tests._squares import IMAGE_SIZE, LABELS, coloured_squares
 from tests._tiny import tiny_classifier
 
@@ -382,7 +382,7 @@ def test_targets_on_two_processes_equal_one_process(base, data, tmp_path):
         "from transformers import ViTForImageClassification\n"
         "from accelerate import PartialState\n"
         "from selfexplain.data import default_image_processor\n"
-        "from selfexplain.targets import add_explanation_targets\n"
+        "from selfexplain.attribution.targets import add_explanation_targets\n"
         "out = add_explanation_targets(load_from_disk('images'), ViTForImageClassification.from_pretrained('source'),\n"
         f"    image_processor=default_image_processor({IMAGE_SIZE}), grid=(2, 2), budget=8, cache_dir=sys.argv[1],\n"
         "    num_shards=4, progress=False)\n"

@@ -8,24 +8,46 @@ out = model(pixel_values)                     # out.logits, out.explanation (pre
 vec = ExplanationVector.from_models(self_explaining=se_model, prediction_only=p_model, base_model="...")
 explaining = apply_explanation_vector("their-org/vit-cats-vs-dogs", vec, alpha=1.0)
 ```
+
+The package, a folder per concept (see docs/design.md):
+
+- ``modeling_self_explaining_vit``: the model (self-contained: it is also saved next to the weights as remote code);
+- ``vectors``: the explanation vector, its config, compatibility, file checks, IO and ``apply``;
+- ``attribution``: one way to call a model, removal of patches, exact and Kernel SHAP, explanation targets;
+- ``evaluation``: faithfulness, agreement and localisation metrics, baseline explainers, ``evaluate`` modules;
+- ``data``: built-in offline domains, loading any dataset, preprocessing;
+- ``training``: the config, deterministic sampling, the ``accelerate`` loop, checkpoints, the offline base;
+- ``experiments``: the transfer suite and its report; ``cli``: the ``selfexplain`` command;
+- ``hub`` (one publish path), ``cards`` (model cards), ``visualize`` (heatmaps), ``errors``.
 """
 
-from .apply import apply_explanation_vector
+from . import _moved_modules
+from .attribution.shapley import exact_shapley_values, kernel_shap_values
+from .attribution.targets import add_explanation_targets
+from .data import load_builtin_domain, load_image_dataset
 from .errors import (
     ExplanationVectorError,
     IncompatibleExplanationVectorError,
     InvalidExplanationVectorError,
     NotAnExplanationVectorError,
 )
-from .explanation_vector import ExplanationVector, ExplanationVectorConfig, architecture_fingerprint
+from .hub import publish_folder
 from .modeling_self_explaining_vit import (
     SelfExplainingImageClassifierOutput,
     ViTForSelfExplainingClassification,
 )
-from .shapley import exact_shapley_values, kernel_shap_values
+from .training import TrainingConfig, pretrain_base, train
+from .vectors import (
+    ExplanationVector,
+    ExplanationVectorConfig,
+    apply_explanation_vector,
+    architecture_fingerprint,
+)
 from .visualize import explanation_to_heatmap, overlay_heatmap
 
-__version__ = "0.1.0"
+_moved_modules.install()
+
+__version__ = "0.2.0"
 
 __all__ = [
     "ExplanationVector",
@@ -35,12 +57,19 @@ __all__ = [
     "InvalidExplanationVectorError",
     "NotAnExplanationVectorError",
     "SelfExplainingImageClassifierOutput",
+    "TrainingConfig",
     "ViTForSelfExplainingClassification",
     "__version__",
+    "add_explanation_targets",
     "apply_explanation_vector",
     "architecture_fingerprint",
     "exact_shapley_values",
     "explanation_to_heatmap",
     "kernel_shap_values",
+    "load_builtin_domain",
+    "load_image_dataset",
     "overlay_heatmap",
+    "pretrain_base",
+    "publish_folder",
+    "train",
 ]

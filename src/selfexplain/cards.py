@@ -11,7 +11,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 if TYPE_CHECKING:
-    from .explanation_vector import ExplanationVectorConfig
+    from .vectors.vector import ExplanationVectorConfig
 
 TAGS = ["selfexplain", "explainability", "vision-transformer", "image-classification"]
 
@@ -101,6 +101,24 @@ def render_model_card(
         prediction_only=prediction_only,
         training_table=_metrics_table(training, header="setting"),
     )
+
+
+def write_applied_model_card(
+    model: Any, save_directory: str | os.PathLike, repo_id: str | None = None
+) -> None:
+    """Write the ``README.md`` of a model made by :func:`~selfexplain.apply_explanation_vector` (called by its
+    ``save_pretrained``): which vector, which α, which base. Models that no vector was applied to are left alone.
+    """
+    applied = getattr(model.config, "selfexplain_applied_vector", None)
+    if not applied:
+        return
+    card = render_model_card(
+        repo_id or os.path.basename(os.path.abspath(save_directory)),
+        base_model=applied.get("vector_base_model"),
+        applied_vector=applied.get("vector") or "an explanation vector in memory",
+        alpha=applied.get("alpha"),
+    )
+    card.save(os.path.join(save_directory, "README.md"))
 
 
 def _is_hub_id(name: str | None) -> bool:

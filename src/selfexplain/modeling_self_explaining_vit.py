@@ -128,6 +128,16 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
                 ) from err
             raise
 
+    def save_pretrained(self, save_directory, *args, repo_id: str | None = None, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`; with selfexplain installed, a model made by
+        `apply_explanation_vector` also gets its model card (`README.md`: which vector, which α, which base)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        try:  # optional: this file also runs as remote code where selfexplain is not installed
+            from selfexplain.cards import write_applied_model_card
+        except ImportError:
+            return
+        write_applied_model_card(self, save_directory, repo_id=repo_id)
+
     @can_return_tuple
     def forward(
         self,

@@ -1,6 +1,6 @@
 """The transfer experiment: does adding an explanation vector make a prediction-only target explain itself?
 
-Pipeline (DESIGN §1, §5), per seed:
+Pipeline (docs/design.md §1, §7), per seed:
 
 1. θ0: a small ViT pre-trained on built-in domains (`training.pretrain_base`).
 2. Every domain used as a source or target: a prediction-only model fine-tuned from θ0 (λ = 0).
@@ -27,10 +27,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 
-from .apply import apply_explanation_vector
-from .explanation_vector import ExplanationVector
-from .modeling_self_explaining_vit import ViTForSelfExplainingClassification, pool_to_player_grid
+from ..attribution import shapley
+from ..attribution.targets import add_explanation_targets
+from ..data import BUILTIN_DOMAINS, default_image_processor, load_builtin_domain
+from ..evaluation import explainers, metrics
+from ..evaluation.metrics import insertion_deletion_auc
+from ..modeling_self_explaining_vit import ViTForSelfExplainingClassification, pool_to_player_grid
+from ..training import TrainingConfig, pretrain_base, train
+from ..vectors.apply import apply_explanation_vector
+from ..vectors.vector import ExplanationVector
 
 EXPLAINERS_BASELINE = ("no_transfer", "grad_cam", "attention_rollout", "random")
 
@@ -103,14 +110,10 @@ class Experiment:
         self.log = log
         self.work = Path(config.output_dir) / "work"
         self.timings: dict[str, float] = {}
-        from .data import default_image_processor
-
         self.processor = default_image_processor(int(config.base.get("image_size", 32)))
 
     # -- data
     def dataset(self, domain: str, seed: int, split: str, limit: int | None):
-        from .data import load_builtin_domain
-
         key = (domain, seed)
         cache = self.__dict__.setdefault("_datasets", {})
         if key not in cache:
@@ -133,8 +136,6 @@ class Experiment:
         return result
 
     def base(self, seed: int) -> Path:
-        from .training import pretrain_base
-
         path = self.work / f"seed{seed}" / "base"
         if not (path / "config.json").exists():
             self.log(f"[seed {seed}] pre-training the base θ0 -> {path}")
@@ -143,8 +144,6 @@ class Experiment:
         return path
 
     def finetune(self, seed: int, domain: str, explanation_weight: float, targets_ds=None) -> Path:
-        from .training import TrainingConfig, train
-
         kind = "self_explaining" if explanation_weight > 0 else "prediction_only"
         path = self.work / f"seed{seed}" / f"{domain}-{kind}"
         if (path / "config.json").exists():
@@ -187,8 +186,6 @@ class Experiment:
         }
 
     def with_targets(self, seed: int, domain: str):
-        from .targets import add_explanation_targets
-
         model = self.load(self.finetune(seed, domain, 0.0))
         train_ds = self.dataset(domain, seed, "train", self.config.num_train)
         self.log(f"[seed {seed}] Kernel SHAP targets for {len(train_ds)} {domain} images")
@@ -242,8 +239,6 @@ class Experiment:
 
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate_target(self, seed: int, target: str, sources: list[str], crossover: bool) -> dict[str, Any]:
-        from . import explainers, shapley
-
         cfg = self.config
         grid = tuple(cfg.player_grid)
         test = self.dataset(target, seed, "test", cfg.num_eval)
@@ -251,8 +246,6 @@ class Experiment:
         x, labels = self.pixels(test), torch.tensor(test["label"])
         x_sel = self.pixels(select)
         masks = torch.tensor(np.asarray(test["object_mask"], dtype=bool))
-        from .data import BUILTIN_DOMAINS
-
         has_masks = BUILTIN_DOMAINS[target].has_masks
         model = self.load(self.finetune(seed, target, 0.0))
         with torch.inference_mode():
@@ -370,11 +363,9 @@ class Experiment:
         return pool_to_player_grid(maps, grid)
 
     def faithfulness(self, model, x, maps, target) -> dict[str, float]:
-        from .metrics import insertion_deletion_auc
-
         with torch.inference_mode():
             auc = insertion_deletion_auc(
-                _LogitsOnly(model),
+                model,
                 x,
                 maps,
                 baseline=self.config.baseline,
@@ -384,8 +375,6 @@ class Experiment:
         return {"insertion": float(auc["insertion"].mean()), "deletion": float(auc["deletion"].mean())}
 
     def score(self, model, x, maps, reference, masks, target) -> dict[str, float]:
-        from . import metrics
-
         out = self.faithfulness(model, x, maps, target)
         flat, ref = maps.flatten(1).float(), reference.flatten(1).float()
         k = max(1, math.ceil(flat.shape[1] / 4))
@@ -425,8 +414,6 @@ class Experiment:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        from . import shapley
 
         cfg = self.config
         seed, (source, target) = cfg.seeds[0], cfg.pair_list()[0]
@@ -477,17 +464,6 @@ class Experiment:
         return path
 
 
-class _LogitsOnly(torch.nn.Module):
-    """Forward without computing an explanation (insertion/deletion only need the logits)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor):
-        return self.model(pixel_values=pixel_values, explain=None)
-
-
 def _as_plain_classifier(model: ViTForSelfExplainingClassification):
     from transformers import ViTForImageClassification
 
@@ -509,8 +485,6 @@ def _select_alpha(sweep: dict[str, dict[str, float]], threshold: float) -> float
 
 
 def _environment() -> dict[str, str]:
-    import transformers
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,

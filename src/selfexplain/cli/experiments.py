@@ -1,4 +1,4 @@
-"""CLI commands that train, compute targets or run experiments (registered into `selfexplain.cli`)."""
+"""``selfexplain pretrain-base``, ``experiment`` and ``demo``: the offline base θ0 and the transfer experiment."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from ..experiments.experiment import Experiment, ExperimentConfig
+from ..experiments.report import pair_deltas, write_report
+from ..training import pretrain_base
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `pretrain-base`, `shapley-targets`, `train`, `experiment` and `demo`."""
+    """Add ``pretrain-base``, ``experiment`` and ``demo``."""
     p = sub.add_parser("pretrain-base", help="Pre-train a small ViT base θ0 on the built-in offline domains.")
     p.add_argument("--output-dir", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
@@ -26,43 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--domains", nargs="+", default=["union"], help="Built-in domains to pre-train on.")
     p.add_argument("--num-samples", type=int, default=None, help="Images per domain (default: all).")
     p.set_defaults(handler=_cmd_pretrain_base)
-
-    p = sub.add_parser(
-        "shapley-targets",
-        help="Add Kernel SHAP explanation targets (all classes) to a dataset, with a source prediction-only model.",
-    )
-    p.add_argument("--model", required=True, help="Folder or Hub id of the source prediction-only model.")
-    p.add_argument(
-        "--dataset", required=True, help='"builtin:<name>", a folder (imagefolder/save_to_disk) or a Hub id.'
-    )
-    p.add_argument("--split", default="train")
-    p.add_argument("--output-dir", required=True, type=Path, help="Where the dataset with targets is saved.")
-    p.add_argument(
-        "--grid",
-        type=int,
-        nargs=2,
-        default=None,
-        metavar=("GH", "GW"),
-        help="Player grid (default: patch grid).",
-    )
-    p.add_argument("--budget", type=int, default=150, help="Model evaluations per image.")
-    p.add_argument("--baseline", default="mean", choices=["mean", "zero", "blur"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256, help="Masked images per forward pass.")
-    p.add_argument("--num-samples", type=int, default=None, help="Use only the first N examples.")
-    p.add_argument(
-        "--num-shards", type=int, default=None, help="Shards of the resumable cache (default: 1 per 1000)."
-    )
-    p.set_defaults(handler=_cmd_shapley_targets)
-
-    from .training import add_train_arguments
-
-    p = sub.add_parser(
-        "train",
-        help="Fine-tune prediction-only (--explanation-loss-weight 0) or self-explaining (> 0) with accelerate.",
-    )
-    add_train_arguments(p)
-    p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("experiment", help="Run a transfer experiment suite and write its report.")
     p.add_argument(
@@ -83,8 +50,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_pretrain_base(args: argparse.Namespace) -> None:
-    from .training import pretrain_base
-
     info = pretrain_base(
         args.output_dir,
         seed=args.seed,
@@ -101,76 +66,17 @@ def _cmd_pretrain_base(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2, default=str))
 
 
-def _cmd_shapley_targets(args: argparse.Namespace) -> None:
-    from . import ViTForSelfExplainingClassification
-    from .cli import CLIError, _load_image_processor
-    from .data import load_image_dataset
-    from .targets import add_explanation_targets
-
-    model = ViTForSelfExplainingClassification.from_pretrained(args.model).eval()
-    processor = _load_image_processor(args.model, model.config)
-    kwargs = {"seed": args.seed} if args.dataset.startswith("builtin:") else {}
-    dataset = load_image_dataset(args.dataset, split=args.split, **kwargs)
-    if args.num_samples is not None:
-        dataset = dataset.select(range(min(args.num_samples, len(dataset))))
-    grid = tuple(args.grid) if args.grid else model.patch_grid(_dummy(model))
-    if args.budget < 3:
-        raise CLIError(f"--budget must be at least 3 model evaluations, got {args.budget}.")
-    with_targets = add_explanation_targets(
-        dataset,
-        model,
-        image_processor=processor,
-        grid=grid,
-        budget=args.budget,
-        baseline=args.baseline,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        num_shards=args.num_shards,
-        cache_dir=args.output_dir / "shards",
-    )
-    # Saved as a DatasetDict under the same split name, so `selfexplain train --train-data DIR/dataset
-    # --train-split <split>` reads it like any other dataset.
-    from datasets import DatasetDict
-
-    destination = args.output_dir / "dataset"
-    if destination.exists():  # a stale save of another layout would shadow the new one when loading
-        import shutil
-
-        shutil.rmtree(destination)
-    DatasetDict({args.split: with_targets}).save_to_disk(str(destination))
-    print(
-        f"Saved {len(with_targets)} examples with explanation targets {grid} to {args.output_dir / 'dataset'}"
-    )
-
-
-def _dummy(model):
-    import torch
-
-    size = model.config.image_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return torch.zeros(1, model.config.num_channels, *size)
-
-
-def _cmd_train(args: argparse.Namespace) -> None:
-    from .training import train_from_args
-
-    train_from_args(args)
-
-
 def packaged_config(name: str) -> Path:
     """Path of a packaged experiment config (`demo`, `full`), or `name` itself when it is a file."""
     if Path(name).is_file():
         return Path(name)
-    candidate = resources.files("selfexplain").joinpath("configs", f"{name}.json")
+    candidate = resources.files("selfexplain.experiments").joinpath("configs", f"{name}.json")
     if not candidate.is_file():
         raise FileNotFoundError(f"{name}: no such config file, and not a packaged suite (demo, full).")
     return Path(str(candidate))
 
 
 def _cmd_experiment(args: argparse.Namespace, command: str | None = None) -> dict:
-    from .experiment import Experiment, ExperimentConfig
-    from .report import write_report
-
     config = ExperimentConfig.from_json_file(
         packaged_config(args.config), output_dir=args.output_dir, report_dir=args.report_dir, seeds=args.seeds
     )
@@ -185,8 +91,6 @@ def _cmd_experiment(args: argparse.Namespace, command: str | None = None) -> dic
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from .report import pair_deltas
-
     ns = argparse.Namespace(
         config="demo",
         output_dir=args.output_dir,

@@ -31,18 +31,16 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
-from ._utils import eval_mode
+from .._progress import progress_bar
 from .masking import BaselineKind, make_baseline, mask_images
+from .model_call import call_model, eval_mode, logits_of, model_device_dtype
 
 __all__ = ["MAX_EXACT_PLAYERS", "exact_shapley_values", "kernel_shap_values"]
 
@@ -548,62 +546,27 @@ def _coalition_values(
     The ``B * M`` masked images are composed and evaluated ``batch_size`` at a time, so memory does not grow
     with the number of coalitions.
     """
-    device, dtype = _model_device_dtype(model, pixel_values)
+    device, dtype = model_device_dtype(model, pixel_values)
     images = pixel_values.to(device=device, dtype=torch.float32)
     baselines = make_baseline(images, baseline)
     num_images, num_coalitions = coalitions.shape[:2]
     total = num_images * num_coalitions
-    forward = _forward_fn(model)
     values = None
     starts = range(0, total, batch_size)
     with eval_mode(model), torch.inference_mode():
-        for start in tqdm(starts, desc="masked forward passes", disable=not progress):
+        for start in progress_bar(starts, desc="masked forward passes", disable=not progress):
             flat = torch.arange(start, min(start + batch_size, total))
             image, member = flat // num_coalitions, flat % num_coalitions
             masks = coalitions[image, member].view(-1, 1, *grid).to(device)
             image = image.to(device)
             masked = mask_images(images[image], baselines[image], masks).to(dtype)
-            scores = _logits(forward(masked)).float()
+            scores = logits_of(call_model(model, masked)).float()
             if value == "probs":
                 scores = scores.softmax(dim=-1)
             if values is None:
                 values = torch.empty(total, scores.shape[-1], device=device)
             values[start : start + len(flat)] = scores
     return values.to(device="cpu", dtype=torch.float64).view(num_images, num_coalitions, -1)
-
-
-def _model_device_dtype(model: Callable, pixel_values: torch.Tensor) -> tuple[torch.device, torch.dtype]:
-    """Where and in which float dtype the model computes: its first floating parameter, else the input's."""
-    if isinstance(model, nn.Module):
-        for parameter in model.parameters():
-            if parameter.is_floating_point():
-                return parameter.device, parameter.dtype
-    dtype = pixel_values.dtype if pixel_values.is_floating_point() else torch.float32
-    return pixel_values.device, dtype
-
-
-def _forward_fn(model: Callable) -> Callable[[torch.Tensor], object]:
-    """Call ``model(pixel_values=x)`` when the forward names that argument (transformers), else ``model(x)``."""
-    target = model.forward if isinstance(model, nn.Module) else model
-    try:
-        takes_keyword = "pixel_values" in inspect.signature(target).parameters
-    except (TypeError, ValueError):  # builtins and some C extensions have no signature
-        takes_keyword = False
-    if takes_keyword:
-        return lambda x: model(pixel_values=x)
-    return lambda x: model(x)
-
-
-def _logits(output: object) -> torch.Tensor:
-    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
-    if logits is None and isinstance(output, Mapping):
-        logits = output.get("logits")
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-        raise TypeError(
-            "model output must be a (batch, num_classes) logits tensor or have a `.logits` attribute "
-            f"holding one; got {type(output).__name__}."
-        )
-    return logits
 
 
 def _to_grid(phi: torch.Tensor, grid: tuple[int, int], device: torch.device) -> torch.Tensor:

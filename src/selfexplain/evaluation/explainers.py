@@ -30,39 +30,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ._utils import eval_mode
+from ..attribution.model_call import check_pixel_values, eval_mode, patch_grid, resolve_target
 
 HeadFusion = Literal["mean", "max", "min"]
 HEAD_FUSIONS: tuple[str, ...] = ("mean", "max", "min")
 
 __all__ = ["attention_rollout", "grad_cam", "patch_grid", "random_explanation"]
-
-
-def patch_grid(model: nn.Module, pixel_values: torch.Tensor) -> tuple[int, int]:
-    """Return the ``(grid_h, grid_w)`` patch grid that ``model`` lays over ``pixel_values``.
-
-    The grid follows the real input size, not ``config.image_size``, so it is also right for inputs run with
-    ``interpolate_pos_encoding=True``. Like the patch-embedding convolution, it drops a partial last patch.
-
-    Example:
-        >>> from transformers import ViTConfig, ViTForImageClassification
-        >>> model = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32,
-        ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-        >>> patch_grid(model, torch.zeros(1, 3, 12, 20))
-        (3, 5)
-    """
-    _check_pixel_values(pixel_values)
-    patch_size = getattr(getattr(model, "config", None), "patch_size", None)
-    if patch_size is None:
-        raise TypeError(f"{type(model).__name__} has no `config.patch_size`; expected a ViT model.")
-    patch_h, patch_w = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
-    height, width = pixel_values.shape[-2:]
-    grid_h, grid_w = height // patch_h, width // patch_w
-    if grid_h < 1 or grid_w < 1:
-        raise ValueError(
-            f"pixel_values of size {height}x{width} is smaller than one {patch_h}x{patch_w} patch."
-        )
-    return grid_h, grid_w
 
 
 def grad_cam(
@@ -118,7 +91,7 @@ def grad_cam(
                 raise RuntimeError(
                     f"{type(model).__name__} did not call `vit.layers[-1].layernorm_before` in its forward."
                 )
-            classes = _resolve_target(target, logits)
+            classes = resolve_target(target, logits)
             # Images are independent in a ViT, so one backward of the summed scores gives per-image gradients.
             score = logits.gather(1, classes[:, None]).sum()
             (gradient,) = torch.autograd.grad(score, captured["activation"])
@@ -205,7 +178,7 @@ def random_explanation(pixel_values: torch.Tensor, grid: tuple[int, int], seed: 
         >>> torch.equal(random_explanation(x, (4, 4), seed=1), random_explanation(x, (4, 4), seed=1))
         True
     """
-    _check_pixel_values(pixel_values)
+    check_pixel_values(pixel_values)
     try:
         grid_h, grid_w = (operator.index(size) for size in grid)
     except (TypeError, ValueError):
@@ -227,38 +200,12 @@ def _vit_backbone(model: nn.Module) -> nn.Module:
     return vit
 
 
-def _check_pixel_values(pixel_values: torch.Tensor) -> None:
-    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
-        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
-        raise ValueError(f"pixel_values must be a (B, C, H, W) tensor, got {shape}.")
-
-
 def _check_token_count(patch_tokens: torch.Tensor, grid_h: int, grid_w: int) -> None:
     if patch_tokens.shape[1] != grid_h * grid_w:
         raise ValueError(
             f"The model produced {patch_tokens.shape[1]} patch tokens but the input's patch grid is "
             f"{grid_h}x{grid_w}; expected one CLS token followed by one token per patch."
         )
-
-
-def _resolve_target(target: int | Sequence[int] | torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
-    """Turn ``target`` into one class index per image (the predicted class where ``target`` is None)."""
-    batch_size, num_classes = logits.shape
-    if target is None:
-        return logits.argmax(dim=-1)
-    classes = torch.as_tensor(target, device=logits.device)
-    if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got dtype {classes.dtype}.")
-    classes = classes.long()
-    if classes.ndim == 0:
-        classes = classes.expand(batch_size)
-    if classes.shape != (batch_size,):
-        raise ValueError(
-            f"target must be an int or hold one class per image ({batch_size}), got {tuple(classes.shape)}."
-        )
-    if bool(((classes < 0) | (classes >= num_classes)).any()):
-        raise ValueError(f"target classes must be in [0, {num_classes}), got {classes.tolist()}.")
-    return classes
 
 
 @contextmanager

@@ -27,16 +27,14 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+import evaluate
 import torch
 from torch import nn
 
-from ._utils import eval_mode
-from .masking import BaselineKind, grid_to_pixel_mask, make_baseline, mask_images
-
-if TYPE_CHECKING:
-    import evaluate
+from ..attribution.masking import BaselineKind, grid_to_pixel_mask, make_baseline, mask_images
+from ..attribution.model_call import eval_mode, model_device_dtype, model_logits, resolve_target
 
 __all__ = [
     "METRICS_MODULE_DIR",
@@ -88,8 +86,8 @@ def insertion_deletion_auc(
     model is put in eval mode and its training flag restored afterwards.
 
     Args:
-        model: an image classifier called as ``model(pixel_values)``; it may return logits or an output
-            object with a ``logits`` field (any `transformers` image classifier).
+        model: an image classifier (any `transformers` one, or a module or callable returning logits: see
+            :mod:`selfexplain.attribution.model_call`).
         pixel_values: ``(B, C, H, W)`` images, already preprocessed for the model.
         explanations: ``(B, grid_h, grid_w)`` scores per player. Any grid works: it is laid over the image
             with :func:`selfexplain.masking.grid_to_pixel_mask` (it need not be the model's patch grid).
@@ -128,7 +126,7 @@ def insertion_deletion_auc(
     if not 1 <= steps <= num_players:
         raise ValueError(f"`steps` must be between 1 and the number of players ({num_players}), got {steps}.")
 
-    device, dtype = _model_device_and_dtype(model, pixel_values)
+    device, dtype = model_device_dtype(model, pixel_values)
     images = pixel_values.to(device=device, dtype=dtype)
     base = make_baseline(images, baseline).to(dtype)
     counts = torch.arange(steps + 1, device=device) * num_players // steps  # players moved at each point
@@ -177,15 +175,6 @@ def _check_auc_inputs(
         raise ValueError(f"`value` must be 'probs' or 'logits', got {value!r}.")
 
 
-def _model_device_and_dtype(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.device, torch.dtype]:
-    """Device of the model's first tensor and dtype of its first floating parameter (bf16 models get bf16)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    device = tensors[0].device if tensors else pixel_values.device
-    floating = [t.dtype for t in tensors if t.is_floating_point()]
-    dtype = floating[0] if floating else pixel_values.dtype
-    return device, dtype
-
-
 def _descending_ranks(scores: torch.Tensor) -> torch.Tensor:
     """Rank of each entry of ``(B, n)`` scores, 0 for the highest; ties go to the lower index."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
@@ -194,36 +183,14 @@ def _descending_ranks(scores: torch.Tensor) -> torch.Tensor:
     return ranks.scatter_(-1, order, positions)
 
 
-def _logits(output: object) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, (tuple, list)):
-        logits = output[0]
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(
-            f"The model must return logits or an output with `.logits`, got {type(output).__name__}."
-        )
-    return logits
-
-
 def _resolve_target(
     model: nn.Module, images: torch.Tensor, target: int | torch.Tensor | None, batch_size: int
 ) -> torch.Tensor:
     num_images = images.shape[0]
     if target is None:
-        chunks = [
-            _logits(model(images[i : i + batch_size])).argmax(-1) for i in range(0, num_images, batch_size)
-        ]
-        return torch.cat(chunks)
-    target = torch.as_tensor(target, device=images.device, dtype=torch.long)
-    if target.ndim == 0:
-        return target.expand(num_images)
-    if target.shape != (num_images,):
-        raise ValueError(
-            f"`target` must be an int or a ({num_images},) tensor, got shape {tuple(target.shape)}."
-        )
-    return target
+        chunks = [model_logits(model, images[i : i + batch_size]) for i in range(0, num_images, batch_size)]
+        return torch.cat(chunks).argmax(-1)
+    return resolve_target(target, num_images=num_images).to(images.device)
 
 
 def _score_coalitions(
@@ -245,7 +212,7 @@ def _score_coalitions(
         idx = image_index[rows]
         # Composed per chunk (not all at once): B * M full images would not fit in memory for real sizes.
         masked = mask_images(images[idx], baseline[idx], flat_keep[rows])
-        logits = _logits(model(masked)).float()
+        logits = model_logits(model, masked).float()
         if value == "probs":
             logits = logits.softmax(-1)
         scores[rows] = logits.gather(-1, target[idx].unsqueeze(-1)).squeeze(-1)
@@ -466,8 +433,6 @@ def load_explanation_metric(config_name: str = "agreement", **kwargs: object) ->
         >>> round(scores["spearman"], 4)
         1.0
     """
-    import evaluate
-
     return evaluate.load(str(METRICS_MODULE_DIR / "explanation_quality.py"), config_name, **kwargs)
 
 
@@ -478,6 +443,4 @@ def load_accuracy_metric(**kwargs: object) -> evaluate.EvaluationModule:
         >>> load_accuracy_metric().compute(predictions=[0, 1, 1], references=[0, 1, 0])["accuracy"]
         0.6666666666666666
     """
-    import evaluate
-
     return evaluate.load(str(METRICS_MODULE_DIR / "accuracy.py"), **kwargs)

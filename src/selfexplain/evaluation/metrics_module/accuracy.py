@@ -26,7 +26,7 @@ Returns:
     accuracy (`float` or `int`): In [0, 1] when `normalize=True`, else the (weighted) count of correct examples.
 
 Examples:
-    >>> from selfexplain.metrics import load_accuracy_metric
+    >>> from selfexplain.evaluation.metrics import load_accuracy_metric
     >>> accuracy_metric = load_accuracy_metric()
     >>> accuracy_metric.compute(references=[0, 1, 2, 0, 1, 2], predictions=[0, 1, 1, 2, 1, 0])
     {'accuracy': 0.5}

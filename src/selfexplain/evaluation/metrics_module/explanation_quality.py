@@ -13,7 +13,7 @@ import datasets
 import evaluate
 import torch
 
-from selfexplain.metrics import pearson, pointing_game, relevance_mass, spearman, topk_overlap
+from selfexplain.evaluation.metrics import pearson, pointing_game, relevance_mass, spearman, topk_overlap
 
 _DESCRIPTION = """
 Explanation quality of per-example explanation maps (one score per patch/player on a grid).
@@ -50,7 +50,7 @@ Returns:
     "all": the five keys above.
 
 Examples:
-    >>> from selfexplain.metrics import load_explanation_metric
+    >>> from selfexplain.evaluation.metrics import load_explanation_metric
     >>> metric = load_explanation_metric("agreement")
     >>> scores = metric.compute(predictions=[[[0.0, 1.0], [2.0, 3.0]]], references=[[[0.0, 1.0], [3.0, 2.0]]], k=2)
     >>> {name: round(score, 4) for name, score in scores.items()}

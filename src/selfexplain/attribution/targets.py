@@ -1,7 +1,7 @@
 """Explanation targets as a `datasets` column: Kernel SHAP values of a prediction-only model, cached by shard.
 
 A self-explaining model is trained against the patch attributions of the source *prediction-only* model
-(DESIGN.md §3). :func:`add_explanation_targets` computes them for every example of a dataset with
+(docs/design.md §3). :func:`add_explanation_targets` computes them for every example of a dataset with
 :func:`selfexplain.shapley.kernel_shap_values` and returns the dataset with one more column, a float32
 ``Array3D((num_labels, grid_h, grid_w))`` holding the attributions of every class.
 
@@ -20,7 +20,7 @@ split into shards that are cached on disk:
 
 Example:
     >>> from selfexplain.data import default_image_processor, load_builtin_domain
-    >>> from selfexplain.targets import add_explanation_targets
+    >>> from selfexplain.attribution.targets import add_explanation_targets
     >>> train = load_builtin_domain("mnist")["train"]
     >>> model = ViTForImageClassification.from_pretrained("runs/mnist-prediction-only")
     >>> train = add_explanation_targets(train, model, image_processor=default_image_processor(),
@@ -49,10 +49,11 @@ from datasets import Array3D, Dataset, Features, concatenate_datasets
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import build_transform, detect_columns
+from .._progress import progress_bar
+from ..data import build_transform, detect_columns
+from ..training.distributed import cpu_only_launch
 from .masking import BASELINE_KINDS
 from .shapley import kernel_shap_values
-from .training import cpu_only_launch
 
 __all__ = [
     "DEFAULT_EXAMPLES_PER_SHARD",
@@ -462,7 +463,7 @@ def _tensor_digest(tensor: torch.Tensor) -> str:
 
 @contextmanager
 def _progress(total: int, enabled: bool):
-    bar = tqdm(total=total, desc="explanation targets", unit="image", disable=not enabled)
+    bar = progress_bar(total=total, desc="explanation targets", unit="image", disable=not enabled)
     try:
         yield bar
     finally:

@@ -8,41 +8,23 @@ import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel, ViTConfig
 
+from ..errors import ExplanationVectorError, IncompatibleExplanationVectorError
+from ..modeling_self_explaining_vit import ViTForSelfExplainingClassification
 from .checkpoint_keys import serialized_names
-from .errors import ExplanationVectorError, IncompatibleExplanationVectorError
-from .explanation_vector import (
-    FINGERPRINT_FIELDS,
-    ExplanationVector,
-    ExplanationVectorConfig,
-    all_finite,
-    architecture_fingerprint,
-    iter_vector_tensors,
-    load_vector_config,
-    resolve_vector_weights,
-)
-from .modeling_self_explaining_vit import ViTForSelfExplainingClassification
+from .checks import all_finite
+from .compatibility import check_compatible
+from .config import BASE_MODEL_ATTRIBUTE, ExplanationVectorConfig
+from .io import iter_vector_tensors, load_vector_config, resolve_vector_weights
+
+if TYPE_CHECKING:
+    from .vector import ExplanationVector
 
 logger = logging.getLogger(__name__)
-
-#: Config attribute in which selfexplain records the base a model was fine-tuned from.
-BASE_MODEL_ATTRIBUTE = "selfexplain_base_model"
-
-
-def check_compatible(fingerprint: dict[str, Any], model_type: str, config: PretrainedConfig) -> list[str]:
-    """List every difference between a vector's architecture and a model config (empty when compatible)."""
-    problems = []
-    if config.model_type != model_type:
-        problems.append(f"model_type: vector {model_type!r}, model {config.model_type!r}")
-    theirs = architecture_fingerprint(config)
-    for name in FINGERPRINT_FIELDS:
-        if name in fingerprint and fingerprint[name] != theirs[name]:
-            problems.append(f"{name}: vector {fingerprint[name]!r}, model {theirs[name]!r}")
-    return problems
 
 
 def apply_explanation_vector(
@@ -96,7 +78,7 @@ def apply_explanation_vector(
         >>> explaining.save_pretrained("out")        # or .push_to_hub("me/vit-cats-vs-dogs-explaining")
         ```
     """
-    if isinstance(vector, ExplanationVector):
+    if not isinstance(vector, (str, os.PathLike)):  # an `ExplanationVector` in memory
         config = vector.config
         vector_source = None
         # The tensors are the truth for a vector in memory (its `tensors` dict may have been edited).
@@ -151,7 +133,7 @@ def apply_explanation_vector(
     else:
         target = _new_self_explaining_model(model)
         _stream_into(_named_tensors(target), name_map, deltas, alpha)
-    provenance = {"vector_base_model": config.base_model, "alpha": alpha}
+    provenance = {"vector": vector_source, "vector_base_model": config.base_model, "alpha": alpha}
     target.config.selfexplain_applied_vector = provenance
     return target
 

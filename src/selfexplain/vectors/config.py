@@ -1,0 +1,121 @@
+"""What `explanation_vector_config.json` holds (:class:`ExplanationVectorConfig`), the file names, and the
+architecture fingerprint that decides whether a vector fits a model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import InvalidExplanationVectorError
+from .checks import _MAX_TENSOR_DIMS, _check_architecture, _is_int
+
+VECTOR_WEIGHTS_NAME = "explanation_vector.safetensors"
+VECTOR_CONFIG_NAME = "explanation_vector_config.json"
+FORMAT_VERSION = 1
+#: Config attribute in which selfexplain records the base a model was fine-tuned from.
+BASE_MODEL_ATTRIBUTE = "selfexplain_base_model"
+
+
+DEFAULT_INCLUDE: tuple[str, ...] = ("vit.*",)
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+#: The safetensors header's name for each storage dtype.
+
+
+@dataclass
+class ExplanationVectorConfig:
+    """What `explanation_vector_config.json` holds. Every field is plain JSON."""
+
+    model_type: str
+    architecture: dict[str, Any]
+    tensors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    base_model: str | None = None
+    base_model_revision: str | None = None
+    recommended_alpha: float = 1.0
+    storage_dtype: str = "float32"
+    provenance: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    library_name: str = "selfexplain"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> ExplanationVectorConfig:
+        """Build from parsed JSON, checking every field's type (a vector comes from strangers)."""
+        if not isinstance(data, Mapping):
+            raise InvalidExplanationVectorError(
+                f"{source}: expected a JSON object, got {type(data).__name__}."
+            )
+        version = data.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise InvalidExplanationVectorError(
+                f"{source}: `format_version` must be an integer, got {version!r}."
+            )
+        if version > FORMAT_VERSION:
+            raise InvalidExplanationVectorError(
+                f"{source}: format_version {version} is newer than this selfexplain supports ({FORMAT_VERSION}); "
+                "upgrade selfexplain."
+            )
+        if version < 1:
+            raise InvalidExplanationVectorError(f"{source}: `format_version` must be >= 1, got {version}.")
+        expected: dict[str, tuple[type, ...]] = {
+            "model_type": (str,),
+            "architecture": (dict,),
+            "tensors": (dict,),
+            "base_model": (str, type(None)),
+            "base_model_revision": (str, type(None)),
+            "recommended_alpha": (int, float),
+            "storage_dtype": (str,),
+            "provenance": (dict,),
+        }
+        kwargs: dict[str, Any] = {"format_version": version}
+        for name, types in expected.items():
+            if name not in data:
+                if name in ("model_type", "architecture", "tensors"):
+                    raise InvalidExplanationVectorError(f"{source}: required field `{name}` is missing.")
+                continue
+            value = data[name]
+            if not isinstance(value, types) or isinstance(value, bool):
+                wanted = " or ".join(t.__name__ for t in types)
+                raise InvalidExplanationVectorError(
+                    f"{source}: field `{name}` must be {wanted}, got {type(value).__name__} ({value!r:.80})."
+                )
+            kwargs[name] = value
+        alpha = float(kwargs.get("recommended_alpha", 1.0))
+        if not math.isfinite(alpha) or abs(alpha) > 1e3:
+            raise InvalidExplanationVectorError(
+                f"{source}: `recommended_alpha` {alpha!r} is not a sensible scale."
+            )
+        kwargs["recommended_alpha"] = alpha
+        if kwargs.get("storage_dtype", "float32") not in STORAGE_DTYPES:
+            raise InvalidExplanationVectorError(
+                f"{source}: `storage_dtype` must be one of {sorted(STORAGE_DTYPES)}, got {kwargs['storage_dtype']!r}."
+            )
+        _check_architecture(kwargs["architecture"], source)
+        storage_dtype = kwargs.get("storage_dtype", "float32")
+        for key, spec in kwargs["tensors"].items():
+            shape = spec.get("shape") if isinstance(spec, dict) else None
+            if (
+                not isinstance(shape, list)
+                or len(shape) > _MAX_TENSOR_DIMS
+                or not all(_is_int(d) and d >= 0 for d in shape)
+            ):
+                raise InvalidExplanationVectorError(
+                    f"{source}: tensor {key!r} needs a `shape` list of at most {_MAX_TENSOR_DIMS} non-negative "
+                    f"ints, got {shape!r:.80}."
+                )
+            dtype = spec.get("dtype", storage_dtype)
+            if dtype not in STORAGE_DTYPES:
+                raise InvalidExplanationVectorError(
+                    f"{source}: tensor {key!r} has `dtype` {dtype!r:.40}; expected one of {sorted(STORAGE_DTYPES)}."
+                )
+        return cls(**kwargs)

@@ -1,0 +1,292 @@
+"""Explanation vectors: τ = θ(self-explaining) − θ(prediction-only), as a Hub artefact.
+
+A vector is a set of float32 tensors keyed by serialized checkpoint names (see `checkpoint_keys`) plus a JSON
+config that says which architecture it fits. It supports task arithmetic (`+`, `-`, scalar `*`, `sum`) and is
+saved as `explanation_vector.safetensors` + `explanation_vector_config.json` + a `README.md` model card.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import CommitInfo
+from safetensors.torch import save_file
+from transformers import PreTrainedModel
+
+from ..cards import render_vector_card
+from ..errors import InvalidExplanationVectorError
+from ..hub import publish_folder
+from .apply import apply_explanation_vector
+from .checkpoint_keys import serialized_state_dict
+from .compatibility import architecture_fingerprint, check_compatible
+from .config import (
+    DEFAULT_INCLUDE,
+    STORAGE_DTYPES,
+    VECTOR_CONFIG_NAME,
+    VECTOR_WEIGHTS_NAME,
+    ExplanationVectorConfig,
+)
+from .io import _atomic_write, iter_vector_tensors, load_vector_config, resolve_vector_weights
+
+
+class ExplanationVector:
+    """The difference between a self-explaining and a prediction-only model trained from the same base.
+
+    Adding it (scaled by α) to a prediction-only classifier fine-tuned from that base transfers the ability to
+    explain, with no training on the target.
+
+    Example:
+        ```python
+        >>> from selfexplain import ExplanationVector, apply_explanation_vector
+        >>> vec = ExplanationVector.from_models(self_explaining=se_model, prediction_only=p_model,
+        ...                                     base_model="google/vit-base-patch16-224-in21k")
+        >>> vec.save_pretrained("my-vector")            # safetensors + config json + model card
+        >>> vec.push_to_hub("me/vit-b16-explanation-vector")
+        >>> vec = ExplanationVector.from_pretrained("me/vit-b16-explanation-vector", revision="main")
+        >>> explaining = apply_explanation_vector("their-org/vit-cats-vs-dogs", vec, alpha=1.0)
+        >>> half = 0.5 * vec; merged = sum([vec_a, vec_b]) * 0.5   # task arithmetic, in float32
+        ```
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], config: ExplanationVectorConfig):
+        self.tensors: dict[str, torch.Tensor] = {k: v.detach().to(torch.float32) for k, v in tensors.items()}
+        self.config = config
+        self.config.tensors = {
+            k: {"shape": list(v.shape), "dtype": config.storage_dtype}
+            for k, v in sorted(self.tensors.items())
+        }
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_models(
+        cls,
+        self_explaining: PreTrainedModel,
+        prediction_only: PreTrainedModel,
+        *,
+        base_model: str | None = None,
+        base_model_revision: str | None = None,
+        include: Iterable[str] = DEFAULT_INCLUDE,
+        exclude: Iterable[str] = (),
+        recommended_alpha: float = 1.0,
+        provenance: Mapping[str, Any] | None = None,
+    ) -> ExplanationVector:
+        """τ = θ(self_explaining) − θ(prediction_only) over the serialized keys matching `include` and not `exclude`.
+
+        `include`/`exclude` are `fnmatch` patterns on serialized names; the default covers the backbone (`vit.*`)
+        and leaves out the classifier, whose label set differs between source and target.
+        """
+        fingerprint = architecture_fingerprint(self_explaining.config)
+        mismatch = check_compatible(
+            fingerprint,
+            self_explaining.config.model_type,
+            prediction_only.config,
+        )
+        if mismatch:
+            raise InvalidExplanationVectorError(
+                "The two models do not share an architecture: " + "; ".join(mismatch) + "."
+            )
+        explaining_state = serialized_state_dict(self_explaining)
+        predicting_state = serialized_state_dict(prediction_only)
+        keys = _select_keys(explaining_state, include, exclude)
+        if not keys:
+            raise ValueError(f"No parameter matches include={list(include)} and exclude={list(exclude)}.")
+        tensors = {}
+        for key in keys:
+            if key not in predicting_state or predicting_state[key].shape != explaining_state[key].shape:
+                raise InvalidExplanationVectorError(
+                    f"`prediction_only` has no tensor {key!r} of the same shape."
+                )
+            tensors[key] = (
+                explaining_state[key].detach().float().cpu() - predicting_state[key].detach().float().cpu()
+            )
+        config = ExplanationVectorConfig(
+            model_type=self_explaining.config.model_type,
+            architecture=fingerprint,
+            base_model=base_model,
+            base_model_revision=base_model_revision,
+            recommended_alpha=float(recommended_alpha),
+            provenance=dict(provenance or {}),
+        )
+        return cls(tensors, config)
+
+    # ------------------------------------------------------------------ arithmetic (always float32)
+    def _combine(self, other: ExplanationVector, sign: float) -> ExplanationVector:
+        if not isinstance(other, ExplanationVector):
+            return NotImplemented
+        if self.config.architecture != other.config.architecture or set(self.tensors) != set(other.tensors):
+            raise ValueError(
+                "Explanation vectors can only be combined when they cover the same architecture and keys."
+            )
+        tensors = {k: v + sign * other.tensors[k] for k, v in self.tensors.items()}
+        return ExplanationVector(tensors, self._derived_config({"combined": True}))
+
+    def __add__(self, other: ExplanationVector) -> ExplanationVector:
+        return self._combine(other, 1.0)
+
+    def __radd__(self, other: Any) -> ExplanationVector:
+        # `sum([...])` starts from the integer 0.
+        if isinstance(other, (int, float)) and other == 0:
+            return self
+        return self.__add__(other)
+
+    def __sub__(self, other: ExplanationVector) -> ExplanationVector:
+        return self._combine(other, -1.0)
+
+    def __neg__(self) -> ExplanationVector:
+        return self * -1.0
+
+    def __mul__(self, scale: float) -> ExplanationVector:
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            return NotImplemented
+        return ExplanationVector(
+            {k: v * float(scale) for k, v in self.tensors.items()}, self._derived_config()
+        )
+
+    __rmul__ = __mul__
+
+    def _derived_config(self, extra_provenance: Mapping[str, Any] | None = None) -> ExplanationVectorConfig:
+        config = copy.deepcopy(self.config)
+        config.provenance = {**config.provenance, **(extra_provenance or {})}
+        return config
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __repr__(self) -> str:
+        numel = sum(t.numel() for t in self.tensors.values())
+        return (
+            f"ExplanationVector(base_model={self.config.base_model!r}, tensors={len(self.tensors)}, "
+            f"parameters={numel:,}, recommended_alpha={self.config.recommended_alpha})"
+        )
+
+    def norm(self) -> float:
+        """The L2 norm of the whole vector."""
+        return float(torch.sqrt(sum((t.double() ** 2).sum() for t in self.tensors.values())))
+
+    def apply_to(self, model: PreTrainedModel | str | os.PathLike, alpha: float | None = None, **kwargs: Any):
+        """Shortcut for `apply_explanation_vector(model, self, alpha=alpha, **kwargs)`."""
+        return apply_explanation_vector(model, self, alpha=alpha, **kwargs)
+
+    # ------------------------------------------------------------------ serialization
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        storage_dtype: str | torch.dtype | None = None,
+        model_card: bool = True,
+        push_to_hub: bool = False,
+        **push_kwargs: Any,
+    ) -> CommitInfo | None:
+        """Write `explanation_vector.safetensors`, `explanation_vector_config.json` and a `README.md` card.
+
+        `storage_dtype` ("float16"/"bfloat16") halves the files; loading turns them back into float32.
+        With `push_to_hub=True`, the folder is then pushed to `push_kwargs["repo_id"]` (default: the folder name).
+        """
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(self.config)
+        if storage_dtype is not None:
+            config.storage_dtype = _dtype_name(storage_dtype)
+        dtype = STORAGE_DTYPES[config.storage_dtype]
+        config.tensors = {
+            k: {"shape": list(v.shape), "dtype": config.storage_dtype}
+            for k, v in sorted(self.tensors.items())
+        }
+        tensors = {k: v.to(dtype).contiguous() for k, v in self.tensors.items()}
+        # Write to temporary names and rename, so an interrupted save never leaves a half-written vector behind.
+        # One metadata entry only: safetensors writes several in random (hash) order, and the same vector must
+        # always give the same bytes. The format version lives in the config.
+        _atomic_write(
+            save_directory / VECTOR_WEIGHTS_NAME,
+            lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+        )
+        _atomic_write(
+            save_directory / VECTOR_CONFIG_NAME,
+            lambda p: Path(p).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"),
+        )
+        if model_card:
+            render_vector_card(config).save(save_directory / "README.md")
+        if push_to_hub:
+            repo_id = push_kwargs.pop("repo_id", save_directory.name)
+            push_kwargs.setdefault("commit_message", "Upload explanation vector")
+            return publish_folder(
+                save_directory,
+                repo_id,
+                allow_patterns=[VECTOR_WEIGHTS_NAME, VECTOR_CONFIG_NAME, "README.md"],
+                **push_kwargs,
+            )
+        return None
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload explanation vector",
+        storage_dtype: str | torch.dtype | None = None,
+        create_pr: bool = False,
+    ) -> CommitInfo:
+        """Save to a temporary folder and upload it in one commit. Returns the ``CommitInfo`` (a ``str``: its URL)."""
+        return publish_folder(
+            lambda folder: self.save_pretrained(folder, storage_dtype=storage_dtype),
+            repo_id,
+            private=private,
+            token=token,
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            allow_patterns=[VECTOR_WEIGHTS_NAME, VECTOR_CONFIG_NAME, "README.md"],
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_vector_name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        force_download: bool = False,
+    ) -> ExplanationVector:
+        """Load a vector from a local folder or a Hub repo id (only safetensors and JSON are ever read)."""
+        source = str(pretrained_vector_name_or_path)
+        download_kwargs = {
+            "revision": revision,
+            "cache_dir": cache_dir,
+            "local_files_only": local_files_only,
+            "token": token,
+            "force_download": force_download,
+        }
+        config = load_vector_config(source, download_kwargs)
+        weights_file = resolve_vector_weights(source, config, download_kwargs)
+        return cls(dict(iter_vector_tensors(weights_file, config, source)), config)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _select_keys(state: Mapping[str, Any], include: Iterable[str], exclude: Iterable[str]) -> list[str]:
+    include, exclude = list(include), list(exclude)
+    return sorted(
+        k
+        for k in state
+        if any(fnmatch.fnmatchcase(k, p) for p in include)
+        and not any(fnmatch.fnmatchcase(k, p) for p in exclude)
+    )
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}.")
+    return name
