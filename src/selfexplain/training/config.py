@@ -11,9 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from ..attribution.masking import BASELINE_KINDS
 from ..data.columns import EXPLANATION_TARGETS_COLUMN
 
 EXPLANATION_LOSSES: tuple[str, ...] = ("mse", "pearson")
+#: "targets": fit precomputed explanation targets (Kernel SHAP); "shapley": the amortised Shapley objective
+#: (FastSHAP / ViT-Shapley) against a frozen value model, no targets (see selfexplain.attribution.amortized).
+EXPLANATION_OBJECTIVES: tuple[str, ...] = ("targets", "shapley")
 LR_SCHEDULERS: tuple[str, ...] = (
     "cosine",
     "linear",
@@ -95,7 +99,24 @@ class TrainingConfig:
     explanation_loss_weight: float = _field(
         0.0, "λ: 0 trains prediction-only; > 0 self-explaining (needs targets).", parse=float
     )
-    explanation_loss: str = _field("mse", f"Explanation loss, one of {EXPLANATION_LOSSES}.", parse=str)
+    explanation_loss: str = _field("mse", f"Loss against targets, one of {EXPLANATION_LOSSES}.", parse=str)
+    explanation_objective: str = _field(
+        "targets",
+        f"One of {EXPLANATION_OBJECTIVES}: fit a dataset's targets column, or the amortised Shapley objective "
+        "(coalitions of patches drawn each step, valued by the frozen value_model; no targets needed).",
+        parse=str,
+    )
+    value_model: str | None = _field(
+        None,
+        'For "shapley": Hub id or folder of the frozen classifier whose probabilities are v(S).',
+        parse=str,
+    )
+    coalitions_per_image: int = _field(
+        32, 'For "shapley": coalitions drawn per image and step (pairs with their complements).', parse=int
+    )
+    removal_baseline: str = _field(
+        "mean", 'For "shapley": what removed patches show ("mean", "zero" or "blur").', parse=str
+    )
     explanation_target_scale: str | float | None = _field(
         None, 'Scale of the targets for "mse" ("num_players" or a number; default: the model\'s).', parse=str
     )
@@ -172,6 +193,28 @@ class TrainingConfig:
             self.explanation_loss,
             f"one of {EXPLANATION_LOSSES}",
         )
+        _check(
+            self.explanation_objective in EXPLANATION_OBJECTIVES,
+            "explanation_objective",
+            self.explanation_objective,
+            f"one of {EXPLANATION_OBJECTIVES}",
+        )
+        if self.uses_shapley_objective:
+            _check(self.value_model is not None, "value_model", self.value_model, 'set for "shapley"')
+        _check(
+            _is_int(self.coalitions_per_image)
+            and self.coalitions_per_image >= 2
+            and self.coalitions_per_image % 2 == 0,
+            "coalitions_per_image",
+            self.coalitions_per_image,
+            "an even int >= 2 (coalitions come with their complements)",
+        )
+        _check(
+            self.removal_baseline in BASELINE_KINDS,
+            "removal_baseline",
+            self.removal_baseline,
+            f"one of {BASELINE_KINDS}",
+        )
         for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "log_every"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 1, name, value, "a positive int")
@@ -214,6 +257,16 @@ class TrainingConfig:
             '"epoch", a positive number of steps or None',
         )
         _check(isinstance(self.resume, (bool, str)), "resume", self.resume, "a bool or a checkpoint path")
+
+    @property
+    def uses_targets(self) -> bool:
+        """λ > 0 with precomputed targets: the training set needs a targets column."""
+        return self.explanation_loss_weight > 0 and self.explanation_objective == "targets"
+
+    @property
+    def uses_shapley_objective(self) -> bool:
+        """λ > 0 with the amortised Shapley objective: a frozen ``value_model`` values coalitions each step."""
+        return self.explanation_loss_weight > 0 and self.explanation_objective == "shapley"
 
     @property
     def recipe(self) -> dict[str, Any]:

@@ -59,6 +59,12 @@ from transformers import (
 )
 
 from .._progress import progress_bar
+from ..attribution.amortized import (
+    amortized_shapley_loss,
+    coalition_values,
+    example_generators,
+    shapley_kernel_coalitions,
+)
 from ..cards import render_model_card
 from ..data import (
     build_transform,
@@ -92,6 +98,7 @@ from .setup import (
     _check_targets_column,
     _label_names,
     _load_model,
+    _load_value_model,
     _make_optimizer,
     _resolve_image_processor,
 )
@@ -139,7 +146,7 @@ def train(
         set_seed(config.seed)
     image_column, label_column = detect_columns(train_dataset, config.image_column, config.label_column)
     names = _label_names(train_dataset, label_column, label_names)
-    with_targets = config.explanation_loss_weight > 0
+    with_targets = config.uses_targets
     if with_targets:
         _check_targets_column(train_dataset, config.targets_column, len(names))
     if eval_dataset is not None:
@@ -197,7 +204,10 @@ def train(
     accelerator.register_for_checkpointing(scheduler)
 
     output_dir = Path(config.output_dir)
-    run = _Run(config, accelerator, model, optimizer, scheduler, schedule, output_dir)
+    value_model = (
+        _load_value_model(config, names, accelerator.device) if config.uses_shapley_objective else None
+    )
+    run = _Run(config, accelerator, model, optimizer, scheduler, schedule, output_dir, value_model)
     run.resume_if_asked()
     eval_examples = None
     if eval_dataset is not None:
@@ -226,8 +236,10 @@ class _Run:
         scheduler: Any,
         schedule: _Schedule,
         output_dir: Path,
+        value_model: nn.Module | None = None,
     ) -> None:
         self.config = config
+        self.value_model = value_model  # frozen v(S) of the amortised Shapley objective
         self.accelerator = accelerator
         self.model = model
         self.optimizer = optimizer
@@ -355,16 +367,22 @@ class _Run:
             last = micro == self.schedule.accumulation - 1
             # Gradients are only all-reduced on the last micro-batch of a step.
             with accelerator.no_sync(self.model) if not last else contextlib.nullcontext():
+                pixel_values = batch["pixel_values"].to(accelerator.device)
                 output = self.model(
-                    pixel_values=batch["pixel_values"].to(accelerator.device),
+                    pixel_values=pixel_values,
                     labels=batch["labels"].to(accelerator.device),
                     explanation_targets=(
                         batch[EXPLANATION_TARGETS_COLUMN].to(accelerator.device)
-                        if config.explanation_loss_weight > 0
+                        if config.uses_targets
                         else None
                     ),
-                    explain=None,
+                    explain="all" if config.uses_shapley_objective else None,
                 )
+                if config.uses_shapley_objective:
+                    output.explanation_loss = self._shapley_loss(
+                        output.explanation, pixel_values, batch[INDEX_KEY]
+                    )
+                    output.loss = output.loss + config.explanation_loss_weight * output.explanation_loss
                 accelerator.backward(output.loss / self.schedule.accumulation)
             self._window.add(output)
         if config.max_grad_norm is not None:
@@ -378,6 +396,22 @@ class _Run:
         self.step_in_epoch += 1
         if self.global_step % config.log_every == 0 or self.global_step == self.schedule.total_steps:
             self._log_window(lr)
+
+    def _shapley_loss(
+        self, explanation: torch.Tensor, pixel_values: torch.Tensor, indices: torch.Tensor
+    ) -> torch.Tensor:
+        """The amortised Shapley loss of a micro-batch (docs/design.md §3): coalitions drawn per example from
+        ``(seed, epoch, index)``, valued by the frozen value model; φ = explanation / n."""
+        grid = tuple(explanation.shape[-2:])
+        num_players = grid[0] * grid[1]
+        generators = example_generators(self.config.seed, self.epoch, indices.tolist())
+        pairs = self.config.coalitions_per_image // 2
+        coalitions = shapley_kernel_coalitions(num_players, pairs, generators).to(pixel_values.device)
+        values, v_empty, v_full = coalition_values(
+            self.value_model, pixel_values, coalitions, grid, self.config.removal_baseline
+        )
+        phi = explanation.flatten(2) / num_players
+        return amortized_shapley_loss(phi, coalitions, values, v_empty, v_full)
 
     def _log_window(self, lr: float) -> None:
         means = self._window.reduce(self.accelerator)

@@ -126,6 +126,15 @@ def _load_model(config: TrainingConfig, names: Sequence[str]) -> ViTForSelfExpla
         model.config.selfexplain_source_dataset = config.source_dataset
     if config.targets_info is not None and config.explanation_loss_weight > 0:
         model.config.selfexplain_targets = dict(config.targets_info)
+    if config.uses_shapley_objective:
+        model.config.selfexplain_targets = {
+            "method": "amortized_shapley",
+            "value_model": config.value_model,
+            "coalitions_per_image": config.coalitions_per_image,
+            "baseline": config.removal_baseline,
+            "value": "probs",
+            **(config.targets_info or {}),
+        }
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     return model
@@ -145,6 +154,23 @@ def _quiet_load_report() -> Iterator[None]:
 def _key_name(key: Any) -> str:
     """A key of transformers' loading info: a name, or a ``(name, shape, shape)`` tuple for mismatches."""
     return key[0] if isinstance(key, (tuple, list)) else str(key)
+
+
+def _load_value_model(config: TrainingConfig, names: Sequence[str], device: torch.device) -> nn.Module:
+    """The frozen classifier whose class probabilities define v(S) for the amortised Shapley objective.
+
+    It must score the training labels in the same order (its probabilities are what the explanation of each
+    class is fitted to); usually the prediction-only model trained with the same recipe.
+    """
+    model = ViTForSelfExplainingClassification.from_pretrained(config.value_model)
+    theirs = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if theirs != list(names):
+        raise ValueError(
+            f"value_model={config.value_model!r} scores the labels {theirs}, the training data has {list(names)}; "
+            "the value model must be a classifier of the same label set (e.g. the prediction-only model)."
+        )
+    model.requires_grad_(False)
+    return model.to(device).eval()
 
 
 def _reset_classifier(model: ViTForSelfExplainingClassification, seed: int) -> None:
