@@ -89,7 +89,8 @@ def test_extract_apply_explain_round_trip(models, capsys):
     )
     predictions = json.loads((root / "maps" / "predictions.json").read_text())
     assert [p["label"] in {"cat", "dog", "bird"} for p in predictions] == [True, True]
-    assert Image.open(root / "maps" / "a_explanation.png").size == (16, 16)
+    # The image's own resolution, enlarged by a whole factor (16 px × 14) so that the written label is readable.
+    assert Image.open(root / "maps" / "a_explanation.png").size == (224, 224)
     assert "a.png" in capsys.readouterr().out
 
 
@@ -121,7 +122,7 @@ def test_bad_inputs_name_the_input(models, capsys):
             ]
         )
     err = capsys.readouterr().err
-    assert info.value.code == 1 and "not an explanation vector" in err
+    assert info.value.code == 2 and f"--vector {root / 'po'} is a model, not an explanation vector" in err
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+import transformers
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from PIL import Image
 
 from selfexplain import (
     ExplanationVector,
@@ -12,6 +14,8 @@ from selfexplain import (
     ViTForSelfExplainingClassification,
     apply_explanation_vector,
 )
+from selfexplain.cli import main
+from selfexplain.data import default_image_processor
 from tests._tiny import pixels, tiny_classifier, tiny_self_explaining
 
 
@@ -135,3 +139,39 @@ def test_vector_whose_base_differs_warns(published, vector):
     model.config.selfexplain_base_model = "org/other-base"
     with pytest.warns(UserWarning, match="org/other-base"):
         apply_explanation_vector(model, "org/vector")
+
+
+def test_the_cli_names_a_hub_vector_given_as_a_model_and_a_model_given_as_a_vector(
+    published, tmp_path, capsys
+):
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
+    for argv, message in (
+        (
+            ["explain", "--model", "org/vector", str(tmp_path / "x.png")],
+            "--model org/vector is an explanation vector on the Hub",
+        ),
+        (
+            ["apply", "--model", "org/vector", "--vector", "org/vector"],
+            "--model org/vector is an explanation vector on the Hub",
+        ),
+        (
+            ["apply", "--model", "org/classifier", "--vector", "org/classifier"],
+            "--vector org/classifier is not an explanation vector",
+        ),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--output-dir", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err, err
+
+
+def test_an_applied_hub_model_is_pushed_with_its_image_processor(hub, published, tmp_path):
+    tiny_classifier(seed=44).save_pretrained(tmp_path / "clf")
+    default_image_processor(16).save_pretrained(tmp_path / "clf")
+    hub.create_repo_from_folder("org/classifier-with-processor", tmp_path / "clf")
+    patched = apply_explanation_vector("org/classifier-with-processor", "org/vector")
+    patched.push_to_hub("me/explaining-with-processor", token=hub.token)
+    files = HfApi().list_repo_files("me/explaining-with-processor")
+    assert {"preprocessor_config.json", "README.md", "model.safetensors"} <= set(files)
+    classify = transformers.pipeline("image-classification", model="me/explaining-with-processor")
+    assert len(classify(Image.new("RGB", (20, 10)))) == 3

@@ -13,6 +13,10 @@ from huggingface_hub.utils import validate_repo_id
 if TYPE_CHECKING:
     from .vectors.vector import ExplanationVectorConfig
 
+#: Private attribute on which `apply_explanation_vector` keeps the source model's image processor, so that the
+#: applied model's `save_pretrained` writes it (`write_applied_model_files`).
+IMAGE_PROCESSOR_ATTRIBUTE = "_selfexplain_image_processor"
+
 TAGS = ["selfexplain", "explainability", "vision-transformer", "image-classification"]
 
 
@@ -103,12 +107,21 @@ def render_model_card(
     )
 
 
-def write_applied_model_card(
+def write_applied_model_files(
     model: Any, save_directory: str | os.PathLike, repo_id: str | None = None
 ) -> None:
-    """Write the ``README.md`` of a model made by :func:`~selfexplain.apply_explanation_vector` (called by its
-    ``save_pretrained``): which vector, which α, which base. Models that no vector was applied to are left alone.
+    """Write what a model made by :func:`~selfexplain.apply_explanation_vector` needs beside its weights
+    (called by its ``save_pretrained``, after the weights and config):
+
+    - the image processor of the model it was made from (``preprocessor_config.json``), when that model had one,
+      so that the saved folder runs in ``pipeline("image-classification", model=folder)``;
+    - its ``README.md``: which vector, which α, which base.
+
+    Models that no vector was applied to are left alone.
     """
+    processor = getattr(model, IMAGE_PROCESSOR_ATTRIBUTE, None)
+    if processor is not None:
+        processor.save_pretrained(save_directory)
     applied = getattr(model.config, "selfexplain_applied_vector", None)
     if not applied:
         return
@@ -119,6 +132,10 @@ def write_applied_model_card(
         alpha=applied.get("alpha"),
     )
     card.save(os.path.join(save_directory, "README.md"))
+
+
+#: The name `ViTForSelfExplainingClassification.save_pretrained` calls (kept: saved models' remote code uses it).
+write_applied_model_card = write_applied_model_files
 
 
 def _is_hub_id(name: str | None) -> bool:

@@ -17,6 +17,13 @@ class NotAnExplanationVectorError(InvalidExplanationVectorError):
     """The repository or folder holds something else (for example a model) where a vector was expected."""
 
 
+class NotAModelError(ExplanationVectorError, OSError):
+    """Where a model was expected, the folder or repo holds something else (an explanation vector, a dataset).
+
+    Also an `OSError`, like transformers' own errors for a folder or repo without a model.
+    """
+
+
 class IncompatibleExplanationVectorError(ExplanationVectorError):
     """The vector and the model differ in architecture, keys or shapes; nothing was changed."""
 
@@ -25,5 +32,6 @@ __all__ = [
     "ExplanationVectorError",
     "IncompatibleExplanationVectorError",
     "InvalidExplanationVectorError",
+    "NotAModelError",
     "NotAnExplanationVectorError",
 ]

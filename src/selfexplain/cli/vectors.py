@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from transformers import AutoImageProcessor
-
+from ..cards import IMAGE_PROCESSOR_ATTRIBUTE
+from ..errors import NotAModelError, NotAnExplanationVectorError
 from ..hub import publish_folder
-from ..modeling_self_explaining_vit import ViTForSelfExplainingClassification
 from ..vectors.apply import apply_explanation_vector
 from ..vectors.config import BASE_MODEL_ATTRIBUTE
 from ..vectors.vector import ExplanationVector
-from ._common import add_hub_args
+from ._common import CLIError, add_hub_args, check_source, load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,9 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_extract_vector(args: argparse.Namespace) -> None:
-
-    se = ViTForSelfExplainingClassification.from_pretrained(args.self_explaining)
-    po = ViTForSelfExplainingClassification.from_pretrained(args.prediction_only)
+    check_source(args.self_explaining, "model", "--self-explaining")
+    check_source(args.prediction_only, "model", "--prediction-only")
+    se = load_model(args.self_explaining, "--self-explaining")
+    po = load_model(args.prediction_only, "--prediction-only")
     base = args.base_model or getattr(se.config, BASE_MODEL_ATTRIBUTE, None)
     provenance = {
         "self_explaining": str(args.self_explaining),
@@ -90,15 +91,28 @@ def _cmd_extract_vector(args: argparse.Namespace) -> None:
 
 
 def _cmd_apply(args: argparse.Namespace) -> None:
-    model = apply_explanation_vector(
-        args.model,
-        args.vector,
-        alpha=args.alpha,
-        revision=args.revision,
-        vector_revision=args.vector_revision,
-    )
-    model.save_pretrained(args.output_dir, repo_id=args.push_to_hub)  # weights, config, model card
-    _copy_image_processor(args.model, args.output_dir, args.revision)
+    check_source(args.model, "model", "--model", revision=args.revision)
+    check_source(args.vector, "vector", "--vector", revision=args.vector_revision)
+    try:
+        model = apply_explanation_vector(
+            args.model,
+            args.vector,
+            alpha=args.alpha,
+            revision=args.revision,
+            vector_revision=args.vector_revision,
+        )
+    except NotAModelError as err:  # found only on the Hub: a vector repo given as --model
+        raise CLIError(f"--model {err}") from err
+    except NotAnExplanationVectorError as err:
+        raise CLIError(f"--vector {err}") from err
+    # Weights, config, model card and the source's image processor (carried by `apply_explanation_vector`).
+    model.save_pretrained(args.output_dir, repo_id=args.push_to_hub)
+    if getattr(model, IMAGE_PROCESSOR_ATTRIBUTE, None) is None:
+        print(
+            f"warning: {args.model} has no image processor (preprocessor_config.json), so {args.output_dir} has "
+            "none either: pipeline() needs one; `selfexplain explain` falls back to a default ViT processor.",
+            file=sys.stderr,
+        )
     print(
         f"Saved the self-explaining model to {args.output_dir} (α = {model.config.selfexplain_applied_vector['alpha']})"
     )
@@ -108,11 +122,3 @@ def _cmd_apply(args: argparse.Namespace) -> None:
                 args.output_dir, args.push_to_hub, token=args.token, commit_message="Apply explanation vector"
             )
         )
-
-
-def _copy_image_processor(source: str, output_dir: Path, revision: str | None) -> None:
-    try:
-        processor = AutoImageProcessor.from_pretrained(source, revision=revision)
-    except (OSError, ValueError):
-        return  # the model came without a processor; nothing to carry over
-    processor.save_pretrained(output_dir)

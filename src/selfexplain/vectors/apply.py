@@ -11,15 +11,24 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import PretrainedConfig, PreTrainedModel, ViTConfig
+from transformers import AutoImageProcessor, PretrainedConfig, PreTrainedModel, ViTConfig
+from transformers.image_processing_base import ImageProcessingMixin
 
-from ..errors import ExplanationVectorError, IncompatibleExplanationVectorError
+from ..cards import IMAGE_PROCESSOR_ATTRIBUTE
+from ..errors import ExplanationVectorError, IncompatibleExplanationVectorError, NotAModelError
 from ..modeling_self_explaining_vit import ViTForSelfExplainingClassification
 from .checkpoint_keys import serialized_names
 from .checks import all_finite
 from .compatibility import check_compatible
-from .config import BASE_MODEL_ATTRIBUTE, ExplanationVectorConfig
-from .io import iter_vector_tensors, load_vector_config, resolve_vector_weights
+from .config import BASE_MODEL_ATTRIBUTE, VECTOR_CONFIG_NAME, ExplanationVectorConfig
+from .io import (
+    _list_repo_files,
+    classify_source,
+    iter_vector_tensors,
+    load_vector_config,
+    offline_message,
+    resolve_vector_weights,
+)
 
 if TYPE_CHECKING:
     from .vector import ExplanationVector
@@ -78,6 +87,9 @@ def apply_explanation_vector(
         >>> explaining.save_pretrained("out")        # or .push_to_hub("me/vit-cats-vs-dogs-explaining")
         ```
     """
+    owned = not isinstance(model, PreTrainedModel)
+    if owned:  # say what a wrong path or id names before anything is read or downloaded
+        _require_model_source(str(model), revision, cache_dir)
     if not isinstance(vector, (str, os.PathLike)):  # an `ExplanationVector` in memory
         config = vector.config
         vector_source = None
@@ -99,7 +111,6 @@ def apply_explanation_vector(
         raise ValueError(f"alpha must be a finite number, got {alpha!r}.")
 
     # Everything that can be checked from configs is checked before any weights are downloaded or read.
-    owned = not isinstance(model, PreTrainedModel)
     if owned:
         source = str(model)
         _check_config_before_loading(source, config, revision, token, cache_dir, local_files_only)
@@ -120,6 +131,10 @@ def apply_explanation_vector(
             **from_pretrained_kwargs,
         )
         name_map = _validate(model, config, shapes)
+        # Carried along so that `save_pretrained` writes it too: the saved model then runs in `pipeline()`.
+        image_processor = load_image_processor(source, revision, token, cache_dir, local_files_only)
+    else:
+        image_processor = getattr(model, IMAGE_PROCESSOR_ATTRIBUTE, None)
     _warn_on_base_mismatch(model.config, config)
 
     if owned:
@@ -135,7 +150,54 @@ def apply_explanation_vector(
         _stream_into(_named_tensors(target), name_map, deltas, alpha)
     provenance = {"vector": vector_source, "vector_base_model": config.base_model, "alpha": alpha}
     target.config.selfexplain_applied_vector = provenance
+    if image_processor is not None:
+        setattr(target, IMAGE_PROCESSOR_ATTRIBUTE, image_processor)
     return target
+
+
+def _require_model_source(source: str, revision: str | None, cache_dir: str | os.PathLike | None) -> None:
+    """Refuse, with what it is, a path or id that cannot hold a model (from the file system alone)."""
+    found = classify_source(source, revision=revision, cache_dir=cache_dir)
+    if found.kind in ("model", "hub") and not found.offline_miss:
+        return
+    if found.kind == "missing":
+        raise FileNotFoundError(f"{source}: no such folder.")
+    if found.offline_miss:
+        raise OSError(offline_message(source))
+    if found.kind == "vector":
+        raise NotAModelError(
+            f"{source} is an explanation vector, not a model: pass it as the `vector` argument, "
+            f"e.g. apply_explanation_vector(model, {source!r})."
+        )
+    if found.kind == "file":
+        raise NotAModelError(f"{source} is a file; pass the folder that holds the model's config.json.")
+    raise NotAModelError(
+        f"{source} is {found.description}, not a model (no config.json); it contains {list(found.contents[:10])}."
+    )
+
+
+def load_image_processor(
+    source: str,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> Any:
+    """The image processor saved with the model (`preprocessor_config.json`), or None when it has none.
+
+    Its config is read as data first: one that names code from the repo (`auto_map`) or no processor class is
+    skipped, so transformers never considers running (or asks about) the repo's code.
+    """
+    hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
+    try:
+        config, _ = ImageProcessingMixin.get_image_processor_dict(source, **hub)
+        if not isinstance(config, dict) or "auto_map" in config or not config.get("image_processor_type"):
+            logger.info("Not carrying over the image processor of %s: no plain processor class.", source)
+            return None
+        return AutoImageProcessor.from_pretrained(source, **hub)
+    except Exception as err:  # none saved, or one this transformers cannot build: the model is still fine
+        logger.info("No image processor carried over from %s: %s", source, err)
+        return None
 
 
 def _named_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
@@ -275,10 +337,15 @@ def _check_config_before_loading(
     The raw `config.json` is read as data: `AutoConfig` would consult the repo's `auto_map` and, for an unknown
     model type, offer to run the repo's code; this never imports anything from the repo.
     """
-    config_dict, _ = PretrainedConfig.get_config_dict(
-        source, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
-    )
+    hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(source, **hub)
+    except OSError as err:
+        _raise_if_vector_repo(source, hub, err)
+        raise
     model_type = config_dict.get("model_type")
+    if model_type is None:
+        _raise_if_vector_repo(source, hub, None)
     if model_type != vector_config.model_type:
         problems = [f"model_type: vector {vector_config.model_type!r}, model {model_type!r}"]
     else:
@@ -290,6 +357,16 @@ def _check_config_before_loading(
             f"The explanation vector (base {vector_config.base_model!r}) does not fit {source}:\n  - "
             + "\n  - ".join(problems)
         )
+
+
+def _raise_if_vector_repo(source: str, hub: Mapping[str, Any], cause: BaseException | None) -> None:
+    """A Hub repo without a model config that holds an explanation vector: say so (one listing request)."""
+    if os.path.isdir(source) or hub.get("local_files_only"):
+        return
+    if VECTOR_CONFIG_NAME in _list_repo_files(source, hub):
+        raise NotAModelError(
+            f"{source} is an explanation vector on the Hub, not a model: pass it as the `vector` argument."
+        ) from cause
 
 
 def _warn_on_base_mismatch(config: PretrainedConfig, vector_config: ExplanationVectorConfig) -> None:

@@ -33,7 +33,7 @@ from .config import (
     VECTOR_WEIGHTS_NAME,
     ExplanationVectorConfig,
 )
-from .io import _atomic_write, iter_vector_tensors, load_vector_config, resolve_vector_weights
+from .io import iter_vector_tensors, load_vector_config, resolve_vector_weights, write_files_atomically
 
 
 class ExplanationVector:
@@ -156,6 +156,14 @@ class ExplanationVector:
         config.provenance = {**config.provenance, **(extra_provenance or {})}
         return config
 
+    @property
+    def recommended_alpha(self) -> float:
+        """The scale α the vector's author recommends (read-only: `config.recommended_alpha`).
+
+        `apply_explanation_vector(model, vector)` and `vector.apply_to(model)` use it when no `alpha` is given.
+        """
+        return self.config.recommended_alpha
+
     def __len__(self) -> int:
         return len(self.tensors)
 
@@ -200,19 +208,20 @@ class ExplanationVector:
             for k, v in sorted(self.tensors.items())
         }
         tensors = {k: v.to(dtype).contiguous() for k, v in self.tensors.items()}
-        # Write to temporary names and rename, so an interrupted save never leaves a half-written vector behind.
-        # One metadata entry only: safetensors writes several in random (hash) order, and the same vector must
-        # always give the same bytes. The format version lives in the config.
-        _atomic_write(
-            save_directory / VECTOR_WEIGHTS_NAME,
-            lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
-        )
-        _atomic_write(
-            save_directory / VECTOR_CONFIG_NAME,
-            lambda p: Path(p).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"),
-        )
+        # Written into a temporary folder inside `save_directory` and renamed into place: an interrupted save never
+        # leaves a half-written vector, and the temporary folder a killed one leaves is removed by the next save
+        # or load (`write_files_atomically`). One metadata entry only: safetensors writes several in random
+        # (hash) order, and the same vector must always give the same bytes. The format version lives in the config.
+        writers = {
+            VECTOR_WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+            VECTOR_CONFIG_NAME: lambda p: Path(p).write_text(
+                json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+            ),
+        }
         if model_card:
-            render_vector_card(config).save(save_directory / "README.md")
+            card = render_vector_card(config)
+            writers["README.md"] = lambda p: card.save(p)
+        write_files_atomically(save_directory, writers)
         if push_to_hub:
             repo_id = push_kwargs.pop("repo_id", save_directory.name)
             push_kwargs.setdefault("commit_message", "Upload explanation vector")
