@@ -59,6 +59,24 @@ def test_demo_vector_makes_the_target_explain_itself(demo):
 
 
 @pytest.mark.slow
+def test_readme_python_block_runs_verbatim_on_the_demo_models(demo, tmp_path):
+    """The README's usage block, exactly as written, from a folder whose outputs/demo is the demo's output."""
+    out, _ = demo
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Usage", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "demo").symlink_to(out, target_is_directory=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ExplanationVector(" in proc.stdout
+    assert (tmp_path / "explanation.png").stat().st_size > 1000
+    saved = {path.name for path in (tmp_path / "digits-explaining").iterdir()}
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= saved
+
+
+@pytest.mark.slow
 def test_quickstart_notebook_runs(demo):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

@@ -29,6 +29,7 @@ from .errors import (
     ExplanationVectorError,
     IncompatibleExplanationVectorError,
     InvalidExplanationVectorError,
+    NotAModelError,
     NotAnExplanationVectorError,
 )
 from .hub import publish_folder
@@ -43,7 +44,7 @@ from .vectors import (
     apply_explanation_vector,
     architecture_fingerprint,
 )
-from .visualize import explanation_to_heatmap, overlay_heatmap
+from .visualize import explanation_to_heatmap, label_image, overlay_heatmap
 
 _moved_modules.install()
 
@@ -55,6 +56,7 @@ __all__ = [
     "ExplanationVectorError",
     "IncompatibleExplanationVectorError",
     "InvalidExplanationVectorError",
+    "NotAModelError",
     "NotAnExplanationVectorError",
     "SelfExplainingImageClassifierOutput",
     "TrainingConfig",
@@ -66,6 +68,7 @@ __all__ = [
     "exact_shapley_values",
     "explanation_to_heatmap",
     "kernel_shap_values",
+    "label_image",
     "load_builtin_domain",
     "load_image_dataset",
     "overlay_heatmap",

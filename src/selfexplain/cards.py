@@ -7,8 +7,8 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import ModelCard, ModelCardData
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
+
+from .hub import could_be_repo_id
 
 if TYPE_CHECKING:
     from .vectors.vector import ExplanationVectorConfig
@@ -140,13 +140,7 @@ write_applied_model_card = write_applied_model_files
 
 def _is_hub_id(name: str | None) -> bool:
     """Whether `name` can be a Hub repo id (a local folder, e.g. an offline base, is not card metadata)."""
-    if not name or os.path.exists(name):
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
+    return bool(name) and not os.path.exists(name) and could_be_repo_id(name)
 
 
 def _numel(shape: list[int]) -> int:

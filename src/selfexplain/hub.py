@@ -13,8 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
-__all__ = ["publish_folder"]
+__all__ = ["could_be_repo_id", "publish_folder"]
 
 
 def publish_folder(
@@ -71,3 +73,14 @@ def _upload(
         allow_patterns=list(allow_patterns) if allow_patterns else None,
         ignore_patterns=list(ignore_patterns) if ignore_patterns else None,
     )
+
+
+def could_be_repo_id(name: str | None) -> bool:
+    """Whether ``name`` has the form of a Hub repo id (``"name"`` or ``"namespace/name"``); paths do not."""
+    if not name or name.startswith((".", "~", "/")) or "\\" in name or os.path.isabs(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True

@@ -8,6 +8,7 @@ weights so that a pushed model also loads with
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -120,8 +121,17 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
                 pretrained_model_name_or_path, *model_args, use_safetensors=use_safetensors, **kwargs
             )
         except OSError as err:
+            folder = str(pretrained_model_name_or_path)
+            if os.path.isfile(os.path.join(folder, "explanation_vector_config.json")):
+                raise OSError(
+                    f"{folder} is an explanation vector, not a model: apply it to a classifier with "
+                    f"selfexplain.apply_explanation_vector(model, {folder!r})."
+                ) from err
+            pickled = os.path.isdir(folder) and any(
+                f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(folder)
+            )
             # transformers' own message says which safetensors file is missing; add why and the way out.
-            if use_safetensors and "safetensors" in str(err):
+            if use_safetensors and "safetensors" in str(err) and (pickled or not os.path.isdir(folder)):
                 raise OSError(
                     f"{err}\nselfexplain reads safetensors weights only: a pickled checkpoint (pytorch_model.bin) "
                     "can run code when it is loaded. If you trust this one, pass `use_safetensors=None`."
@@ -132,11 +142,12 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
         """`PreTrainedModel.save_pretrained`; with selfexplain installed, a model made by
         `apply_explanation_vector` also gets its model card (`README.md`: which vector, which α, which base)."""
         super().save_pretrained(save_directory, *args, **kwargs)
+        _give_weights_the_umask_mode(save_directory)
         try:  # optional: this file also runs as remote code where selfexplain is not installed
-            from selfexplain.cards import write_applied_model_card
+            from selfexplain.cards import write_applied_model_files
         except ImportError:
             return
-        write_applied_model_card(self, save_directory, repo_id=repo_id)
+        write_applied_model_files(self, save_directory, repo_id=repo_id)
 
     @can_return_tuple
     def forward(
@@ -310,6 +321,16 @@ def pool_to_player_grid(scores: torch.Tensor, player_grid: tuple[int, int]) -> t
         scores.reshape(-1, 1, *grid), (grid[0] // player_grid[0], grid[1] // player_grid[1])
     )
     return pooled.reshape(*lead, *player_grid)
+
+
+def _give_weights_the_umask_mode(save_directory) -> None:
+    """safetensors writes through a private temporary file (mode 0600); give the weights the mode any new file
+    gets (0644 under the usual umask), so other accounts, web servers and shared caches can read them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(save_directory):
+        if name.endswith(".safetensors"):
+            os.chmod(os.path.join(save_directory, name), 0o666 & ~umask)
 
 
 def _is_arange_rows(classes: torch.Tensor) -> bool:

@@ -16,7 +16,11 @@ selfexplain demo                                                                
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
+
+import datasets
+from transformers.utils import logging as transformers_logging
 
 from . import experiments, explain, targets, train, vectors
 from ._common import CLIError
@@ -38,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not sys.stderr.isatty():
+        # In logs, per-file download/load/save bars of transformers and datasets are hundreds of lines; our own
+        # bars (training, targets) still report, a few lines per run (see selfexplain._progress).
+        transformers_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     try:
         args.handler(args)
     except CLIError as err:

@@ -11,8 +11,7 @@ from datasets import DatasetDict
 
 from ..attribution.targets import add_explanation_targets
 from ..data import load_image_dataset
-from ..modeling_self_explaining_vit import ViTForSelfExplainingClassification
-from ._common import CLIError, load_image_processor
+from ._common import CLIError, load_image_processor, load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_shapley_targets(args: argparse.Namespace) -> None:
-    model = ViTForSelfExplainingClassification.from_pretrained(args.model).eval()
+    model = load_model(args.model, "--model").eval()
     processor = load_image_processor(args.model, model.config)
     kwargs = {"seed": args.seed} if args.dataset.startswith("builtin:") else {}
     dataset = load_image_dataset(args.dataset, split=args.split, **kwargs)

@@ -60,13 +60,24 @@ class ExperimentConfig:
     report_dir: str | None = None
     base: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
-    explanation_loss_weight: float = 1.0
-    explanation_loss: str = "pearson"
-    player_grid: list[int] = field(default_factory=lambda: [4, 4])
+    explanation_loss_weight: float = 10.0
+    # "shapley": the amortised objective (no targets; the prediction-only model is the frozen value model);
+    # "targets": Kernel SHAP targets at `target_budget`, fitted with `explanation_loss`.
+    explanation_objective: str = "shapley"
+    coalitions_per_image: int = 4
+    explanation_loss: str = "mse"
+    # Explanations and Shapley values live on the model's patch grid unless a coarser grid is given.
+    player_grid: list[int] | None = None
     target_budget: int = 128
     baseline: str = "mean"
     num_train: int = 1000
     num_eval: int = 64
+    # Images per target (and per source, in-domain) compared with the Kernel SHAP reference: the reference
+    # costs `reference_budget` evaluations per image, so it runs on a subset of the evaluated images.
+    num_reference: int = 32
+    # Images explained by a second reference seed, to show the reference has converged (Pearson between seeds).
+    num_reference_check: int = 8
+    auc_steps: int = 16
     num_select: int = 64
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 1.5, 2.0])
     agreement_threshold: float = 0.95
@@ -93,6 +104,13 @@ class ExperimentConfig:
         if self.pairs is not None:
             return [(s, t) for s, t in self.pairs]
         return [(s, t) for s in self.sources for t in self.targets if s != t]
+
+    def grid(self) -> tuple[int, int]:
+        """The player grid: the config's, else the base's patch grid."""
+        if self.player_grid is not None:
+            return tuple(self.player_grid)
+        size, patch = int(self.base.get("image_size", 32)), int(self.base.get("patch_size", 4))
+        return size // patch, size // patch
 
     def domains(self) -> list[str]:
         names = list(self.sources) + list(self.targets)
@@ -148,6 +166,7 @@ class Experiment:
         path = self.work / f"seed{seed}" / f"{domain}-{kind}"
         if (path / "config.json").exists():
             return path
+        base = self.base(seed)  # first, so that the log reads in the order things happen
         self.log(f"[seed {seed}] training {kind} model on {domain} -> {path}")
         train_ds = (
             targets_ds
@@ -163,29 +182,48 @@ class Experiment:
             "log_every": 20,
             **self.config.train,
         }
+        objective = {}
+        if explanation_weight > 0 and self.config.explanation_objective == "shapley":
+            objective = {
+                "explanation_objective": "shapley",
+                "value_model": str(self.finetune(seed, domain, 0.0)),
+                "coalitions_per_image": self.config.coalitions_per_image,
+                "removal_baseline": self.config.baseline,
+            }
         config = TrainingConfig(
-            base=str(self.base(seed)),
+            base=str(base),
             output_dir=str(path),
             explanation_loss_weight=explanation_weight,
             explanation_loss=self.config.explanation_loss,
             seed=seed,
             source_dataset=f"builtin:{domain}",
-            targets_info=self.targets_info() if explanation_weight > 0 else None,
+            targets_info=self.targets_info() if explanation_weight > 0 and not objective else None,
+            **objective,
             **recipe,
         )
         self._timed(f"train_{kind}", lambda: train(config, train_ds, eval_ds, image_processor=self.processor))
         return path
 
     def targets_info(self) -> dict[str, Any]:
+        if self.config.explanation_objective == "shapley":
+            return {
+                "method": "amortized_shapley",
+                "coalitions_per_image": self.config.coalitions_per_image,
+                "grid": list(self.config.grid()),
+                "baseline": self.config.baseline,
+            }
         return {
             "method": "kernel_shap",
             "value": "probs",
-            "grid": list(self.config.player_grid),
+            "grid": list(self.config.grid()),
             "budget": self.config.target_budget,
             "baseline": self.config.baseline,
         }
 
     def with_targets(self, seed: int, domain: str):
+        """The training split, with Kernel SHAP targets when the objective needs them."""
+        if self.config.explanation_objective == "shapley":
+            return self.dataset(domain, seed, "train", self.config.num_train)
         model = self.load(self.finetune(seed, domain, 0.0))
         train_ds = self.dataset(domain, seed, "train", self.config.num_train)
         self.log(f"[seed {seed}] Kernel SHAP targets for {len(train_ds)} {domain} images")
@@ -195,7 +233,7 @@ class Experiment:
                 train_ds,
                 model,
                 image_processor=self.processor,
-                grid=tuple(self.config.player_grid),
+                grid=self.config.grid(),
                 budget=self.config.target_budget,
                 baseline=self.config.baseline,
                 seed=seed,
@@ -240,7 +278,7 @@ class Experiment:
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate_target(self, seed: int, target: str, sources: list[str], crossover: bool) -> dict[str, Any]:
         cfg = self.config
-        grid = tuple(cfg.player_grid)
+        grid = cfg.grid()
         test = self.dataset(target, seed, "test", cfg.num_eval)
         select = self.dataset(target, seed, "validation", cfg.num_select)
         x, labels = self.pixels(test), torch.tensor(test["label"])
@@ -252,26 +290,20 @@ class Experiment:
             logits = model(x, explain=None).logits
         predicted = logits.argmax(-1)
         self.log(f"[seed {seed}] {target}: Kernel SHAP reference (budget {cfg.reference_budget})")
-        reference_all = self._timed(
-            "reference",
-            lambda: shapley.kernel_shap_values(
-                model,
-                x,
-                grid=grid,
-                budget=cfg.reference_budget,
-                baseline=cfg.baseline,
-                seed=10_000 + seed,
-                batch_size=cfg.batch_size,
-            ),
-        )
-        reference = reference_all[torch.arange(len(x)), predicted]
+        reference, reference_check = self.reference(model, x, predicted, seed)
 
         def score(m, maps, images=x, ref=reference, msk=masks) -> dict[str, float]:
             return self.score(
                 m, images, maps, ref, msk if has_masks else None, predicted if images is x else None
             )
 
-        result: dict[str, Any] = {"accuracy": float((predicted == labels).float().mean()), "explainers": {}}
+        result: dict[str, Any] = {
+            "accuracy": float((predicted == labels).float().mean()),
+            "num_eval": len(x),
+            "num_reference": len(reference),
+            "reference_seed_agreement": reference_check,
+            "explainers": {},
+        }
         own = self.patch_map(model, x, predicted, grid)
         result["explainers"]["no_transfer"] = score(model, own)
         plain = _as_plain_classifier(model)
@@ -283,19 +315,7 @@ class Experiment:
         )
         result["explainers"]["random"] = score(model, explainers.random_explanation(x, grid, seed=seed))
         if crossover:
-            curve = {}
-            for budget in cfg.kernel_shap_budgets:
-                ks = shapley.kernel_shap_values(
-                    model,
-                    x,
-                    grid=grid,
-                    budget=budget,
-                    baseline=cfg.baseline,
-                    seed=seed,
-                    batch_size=cfg.batch_size,
-                )
-                curve[str(budget)] = score(model, ks[torch.arange(len(x)), predicted])
-            result["kernel_shap"] = curve
+            result["kernel_shap"] = self.budget_curve(model, x, predicted, reference, seed)
         if cfg.oracle:
             oracle = self.load(self.oracle(seed, target))
             result["explainers"]["oracle"] = score(oracle, self.patch_map(oracle, x, predicted, grid))
@@ -322,12 +342,95 @@ class Experiment:
                 entry["select_insertion_minus_deletion"] = sel["insertion"] - sel["deletion"]
                 entry["select_top1_agreement"] = float(select_agree.float().mean())
                 sweep[_alpha_key(alpha)] = entry
+            recommended = self.recommended_alpha(seed, source)
             result["transfer"][source] = {
                 "sweep": sweep,
                 "label_free_alpha": _select_alpha(sweep, cfg.agreement_threshold),
-                "recommended_alpha": self.recommended_alpha(seed, source),
+                "recommended_alpha": recommended,
             }
+            if "kernel_shap" in result and _alpha_key(recommended) in sweep:
+                pearson = sweep[_alpha_key(recommended)]["pearson"]
+                result["transfer"][source]["budget_match"] = budget_match(result["kernel_shap"], pearson)
         return result
+
+    def reference(self, model, x, classes, seed: int) -> tuple[torch.Tensor, float]:
+        """Kernel SHAP at ``reference_budget`` on the first ``num_reference`` images (the classes explained),
+        and the mean Pearson between two reference seeds on ``num_reference_check`` of them (convergence)."""
+        cfg = self.config
+        rows = torch.arange(min(cfg.num_reference, len(x)))
+
+        def run(images, ref_seed):
+            return shapley.kernel_shap_values(
+                model, images, grid=cfg.grid(), budget=cfg.reference_budget, baseline=cfg.baseline,
+                seed=ref_seed, batch_size=cfg.batch_size,
+            )  # fmt: skip
+
+        reference = self._timed("reference", lambda: run(x[rows], 10_000 + seed))[rows, classes[rows]]
+        check = rows[: cfg.num_reference_check]
+        second = self._timed("reference", lambda: run(x[check], 20_000 + seed))[check, classes[check]]
+        seeds_agree = float(metrics.pearson(reference[check].flatten(1), second.flatten(1)).nanmean())
+        return reference, seeds_agree
+
+    def budget_curve(self, model, x, classes, reference, seed: int) -> dict[str, dict[str, float]]:
+        """Kernel SHAP at each budget of ``kernel_shap_budgets`` on the reference images, scored like a map."""
+        cfg = self.config
+        rows = torch.arange(len(reference))
+        curve = {}
+        for budget in cfg.kernel_shap_budgets:
+            values = self._timed(
+                "kernel_shap_curve",
+                lambda budget=budget: shapley.kernel_shap_values(
+                    model, x[rows], grid=cfg.grid(), budget=budget, baseline=cfg.baseline, seed=seed,
+                    batch_size=cfg.batch_size,
+                ),
+            )  # fmt: skip
+            curve[str(budget)] = agreement(values[rows, classes[rows]], reference)
+        return curve
+
+    def evaluate_source(self, seed: int, source: str) -> dict[str, Any]:
+        """In-domain fidelity: the source's self-explaining model explains its own held-out predictions in one
+        pass; how close is that to a converged Kernel SHAP reference of the same model, at what budget would
+        Kernel SHAP match it (B*), and what did the explanation supervision cost in accuracy?"""
+        cfg = self.config
+        grid = cfg.grid()
+        test = self.dataset(source, seed, "test", cfg.num_eval)
+        x, labels = self.pixels(test), torch.tensor(test["label"])
+        masks = (
+            torch.tensor(np.asarray(test["object_mask"], dtype=bool))
+            if BUILTIN_DOMAINS[source].has_masks
+            else None
+        )
+        pred = self.load(self.finetune(seed, source, 0.0))
+        self.vector(seed, source)  # trains the self-explaining model
+        se = self.load(
+            self.finetune(seed, source, cfg.explanation_loss_weight, self.with_targets(seed, source))
+        )
+        with torch.inference_mode():
+            se_classes = se(x, explain=None).logits.argmax(-1)
+            pred_classes = pred(x, explain=None).logits.argmax(-1)
+        self.log(f"[seed {seed}] {source}: in-domain reference (budget {cfg.reference_budget})")
+        reference, check = self.reference(se, x, se_classes, seed)
+        plain = _as_plain_classifier(se)
+        maps = {
+            "self_explaining": self.patch_map(se, x, se_classes, grid),
+            "prediction_only_head": self.patch_map(pred, x, se_classes, grid),
+            "grad_cam": pool_to_player_grid(explainers.grad_cam(plain, x, se_classes), grid),
+            "attention_rollout": pool_to_player_grid(explainers.attention_rollout(plain, x), grid),
+            "random": explainers.random_explanation(x, grid, seed=seed),
+        }
+        scored = {name: self.score(se, x, m, reference, masks, se_classes) for name, m in maps.items()}
+        curve = self.budget_curve(se, x, se_classes, reference, seed)
+        return {
+            "accuracy_self_explaining": float((se_classes == labels).float().mean()),
+            "accuracy_prediction_only": float((pred_classes == labels).float().mean()),
+            "top1_agreement": float((se_classes == pred_classes).float().mean()),
+            "num_eval": len(x),
+            "num_reference": len(reference),
+            "reference_seed_agreement": check,
+            "explainers": scored,
+            "kernel_shap": curve,
+            "budget_match": budget_match(curve, scored["self_explaining"]["pearson"]),
+        }
 
     def recommended_alpha(self, seed: int, source: str) -> float:
         """α chosen on the source's own validation images: best insertion − deletion with top-1 kept."""
@@ -346,9 +449,7 @@ class Experiment:
             patched = apply_explanation_vector(model, vector, alpha=alpha).eval()
             with torch.inference_mode():
                 pred = patched(x, explain=None).logits.argmax(-1)
-            faith = self.faithfulness(
-                patched, x, self.patch_map(patched, x, pred, tuple(cfg.player_grid)), pred
-            )
+            faith = self.faithfulness(patched, x, self.patch_map(patched, x, pred, cfg.grid()), pred)
             sweep[_alpha_key(alpha)] = {
                 "select_insertion_minus_deletion": faith["insertion"] - faith["deletion"],
                 "select_top1_agreement": float((pred == original).float().mean()),
@@ -371,15 +472,15 @@ class Experiment:
                 baseline=self.config.baseline,
                 target=target,
                 batch_size=self.config.batch_size,
+                steps=self.config.auc_steps,
             )
         return {"insertion": float(auc["insertion"].mean()), "deletion": float(auc["deletion"].mean())}
 
     def score(self, model, x, maps, reference, masks, target) -> dict[str, float]:
+        """Faithfulness on every image; agreement with the reference on the first ``len(reference)`` images
+        (Pearson, Spearman and top-10 % overlap: Spearman alone is dominated by ties on flat backgrounds)."""
         out = self.faithfulness(model, x, maps, target)
-        flat, ref = maps.flatten(1).float(), reference.flatten(1).float()
-        k = max(1, math.ceil(flat.shape[1] / 4))
-        out["spearman"] = float(torch.nan_to_num(metrics.spearman(flat, ref)).mean())
-        out["topk_overlap"] = float(metrics.topk_overlap(flat, ref, k).float().mean())
+        out.update(agreement(maps[: len(reference)], reference))
         if masks is not None:
             out["pointing_game"] = float(metrics.pointing_game(maps, masks).float().mean())
             out["relevance_mass"] = float(torch.nan_to_num(metrics.relevance_mass(maps, masks)).mean())
@@ -393,7 +494,9 @@ class Experiment:
         started = time.perf_counter()
         crossover_seeds = cfg.crossover_seeds if cfg.crossover_seeds is not None else cfg.seeds[:1]
         per_seed = {}
+        in_domain = {}
         for seed in cfg.seeds:
+            in_domain[str(seed)] = {source: self.evaluate_source(seed, source) for source in cfg.sources}
             per_seed[str(seed)] = {}
             for target in cfg.targets:
                 sources = [s for s, t in cfg.pair_list() if t == target]
@@ -403,13 +506,16 @@ class Experiment:
         return {
             "config": asdict(cfg),
             "per_seed": per_seed,
+            "in_domain": in_domain,
+            "grid": list(cfg.grid()),
             "timings_s": {k: round(v, 1) for k, v in self.timings.items()},
             "wall_time_s": round(time.perf_counter() - started, 1),
             "environment": _environment(),
         }
 
     def heatmap_figure(self, path: str | Path) -> Path:
-        """Heatmaps of the first pair and seed: image, no transfer, with the vector, Kernel SHAP reference."""
+        """Heatmaps of the first pair and seed: image, no transfer, with the vector, attention rollout, and the
+        Kernel SHAP reference, each scaled by its largest magnitude (red: for the class, blue: against)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -417,7 +523,7 @@ class Experiment:
 
         cfg = self.config
         seed, (source, target) = cfg.seeds[0], cfg.pair_list()[0]
-        grid = tuple(cfg.player_grid)
+        grid = cfg.grid()
         test = self.dataset(target, seed, "test", cfg.heatmap_examples)
         x = self.pixels(test)
         model = self.load(self.finetune(seed, target, 0.0))
@@ -428,38 +534,51 @@ class Experiment:
         reference = shapley.kernel_shap_values(
             model, x, grid=grid, budget=cfg.reference_budget, baseline=cfg.baseline, seed=10_000 + seed
         )[torch.arange(len(x)), predicted]
+        rollout = explainers.attention_rollout(_as_plain_classifier(model), x)
         columns = [
             ("image", None),
             ("no transfer (α = 0)", self.patch_map(model, x, predicted, grid)),
             (f"vector from {source} (α = {alpha:g})", self.patch_map(patched, x, predicted, grid)),
+            ("attention rollout", pool_to_player_grid(rollout, grid)),
             (f"Kernel SHAP ({cfg.reference_budget} evals)", reference),
         ]
         fig, axes = plt.subplots(
-            len(x), len(columns), figsize=(2.2 * len(columns), 2.2 * len(x)), squeeze=False
+            len(x), len(columns), figsize=(2.3 * len(columns) + 0.8, 2.3 * len(x)), squeeze=False
         )
         names = test.features["label"].names
+        shown = None
         for row in range(len(x)):
             image = np.asarray(test[row]["image"].convert("RGB"))
+            height, width = image.shape[:2]
             for col, (title, maps) in enumerate(columns):
                 ax = axes[row][col]
-                ax.imshow(image)
+                ax.imshow(image, cmap="gray" if col else None, alpha=1.0 if col == 0 else 0.6)
                 if maps is not None:
-                    ax.imshow(
-                        maps[row].float().numpy(),
-                        cmap="jet",
-                        alpha=0.5,
-                        extent=(0, image.shape[1], image.shape[0], 0),
+                    m = maps[row].float()
+                    m = (m / m.abs().max().clamp_min(1e-12)).numpy()
+                    shown = ax.imshow(
+                        m,
+                        cmap="RdBu_r",
+                        vmin=-1,
+                        vmax=1,
+                        alpha=0.6,
+                        # Pixel edges, not centres: the map covers the image exactly.
+                        extent=(-0.5, width - 0.5, height - 0.5, -0.5),
                         interpolation="nearest",
                     )
                 ax.set_xticks([]), ax.set_yticks([])
                 if row == 0:
                     ax.set_title(title, fontsize=8)
-            axes[row][0].set_ylabel(names[int(predicted[row])], fontsize=8)
-        fig.suptitle(f"{source} → {target}, seed {seed}", fontsize=9)
-        fig.tight_layout()
+            axes[row][0].set_ylabel(f"explained: {names[int(predicted[row])]}\n(predicted class)", fontsize=8)
+        if shown is not None:
+            bar = fig.colorbar(shown, ax=axes, fraction=0.025, pad=0.02)
+            bar.set_label(
+                "score / its largest magnitude per map\n(red: for the class, blue: against)", fontsize=7
+            )
+        fig.suptitle(f"{source} → {target}, seed {seed}: maps of the predicted class", fontsize=9)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return path
 
@@ -470,6 +589,34 @@ def _as_plain_classifier(model: ViTForSelfExplainingClassification):
     plain = ViTForImageClassification(model.config)
     plain.load_state_dict(model.state_dict())
     return plain.eval()
+
+
+def agreement(maps: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Mean Pearson, Spearman and top-10 % overlap of ``maps`` with ``reference`` (both ``(B, gh, gw)``)."""
+    flat, ref = maps.flatten(1).float(), reference.flatten(1).float()
+    k = max(1, math.ceil(flat.shape[1] / 10))
+    return {
+        "pearson": float(torch.nan_to_num(metrics.pearson(flat, ref)).mean()),
+        "spearman": float(torch.nan_to_num(metrics.spearman(flat, ref)).mean()),
+        "top10_overlap": float(metrics.topk_overlap(flat, ref, k).float().mean()),
+    }
+
+
+def budget_match(curve: dict[str, dict[str, float]], pearson: float) -> dict[str, Any]:
+    """B*: the smallest Kernel SHAP budget from which on *every* budget of ``curve`` reaches the single pass's
+    mean Pearson with the reference (Kernel SHAP is not monotone in its budget at small budgets, where exact
+    small-size enumeration uses it up); ``below`` when even the smallest budget does, ``above`` when the
+    largest does not."""
+    budgets = sorted(int(b) for b in curve)
+    matched = None
+    for budget in reversed(budgets):
+        if curve[str(budget)]["pearson"] < pearson:
+            break
+        matched = budget
+    if matched is None:
+        return {"budget": None, "relation": "above", "largest_tested": budgets[-1]}
+    relation = "below" if matched == budgets[0] else "at"
+    return {"budget": matched, "relation": relation, "largest_tested": budgets[-1]}
 
 
 def _alpha_key(alpha: float) -> str:

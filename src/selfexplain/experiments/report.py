@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-METRICS = ("insertion", "deletion", "spearman", "accuracy")
+METRICS = ("insertion", "deletion", "pearson", "spearman", "top10_overlap", "accuracy")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -44,7 +44,7 @@ def pair_deltas(results: dict[str, Any], alpha_rule: str) -> dict[tuple[str, str
     return out
 
 
-def crossover(results: dict[str, Any], metric: str = "spearman", alpha_rule: str = "recommended_alpha"):
+def crossover(results: dict[str, Any], metric: str = "pearson", alpha_rule: str = "recommended_alpha"):
     """Smallest Kernel SHAP budget whose `metric` reaches the transferred map's, per (source, target, seed)."""
     rows = []
     for seed, per_target in results["per_seed"].items():
@@ -85,11 +85,14 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
         "",
         "Every number is a mean over the evaluated target test images; with several seeds, `mean ± std` over seeds.",
         "Δ = metric after adding the vector − the same metric for the target's own patch scores (α = 0, no transfer).",
-        "Insertion: higher is better; deletion: lower is better; spearman: rank agreement with a Kernel SHAP",
-        f"reference of the target model (budget {cfg['reference_budget']}); maps live on a "
-        f"{cfg['player_grid'][0]}×{cfg['player_grid'][1]} player grid, baseline `{cfg['baseline']}`.",
+        "Insertion: higher is better; deletion: lower is better (on every evaluated image, "
+        f"{cfg['auc_steps']} steps). Pearson, Spearman and top-10% overlap: agreement with a Kernel SHAP reference "
+        f"of the target model (budget {cfg['reference_budget']}, on the first {cfg['num_reference']} images); maps "
+        f"live on a {results['grid'][0]}×{results['grid'][1]} player grid (the patch grid), baseline `{cfg['baseline']}`.",
         "",
     ]
+    if results.get("in_domain"):
+        lines += _in_domain_section(results)
     for rule, title in (
         ("recommended_alpha", "α recommended on the source's validation images"),
         (
@@ -102,13 +105,14 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
         lines += [
             f"## Transfer matrix, {title}",
             "",
-            "| source → target | α | Δinsertion | Δdeletion | Δspearman | Δaccuracy | top-1 kept |",
-            "|---|---|---|---|---|---|---|",
+            "| source → target | α | Δinsertion | Δdeletion | Δpearson | Δspearman | Δtop-10% | Δaccuracy | top-1 kept |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for (source, target), entry in sorted(deltas.items()):
             lines.append(
                 f"| {source} → {target} | {_fmt(entry['alpha'])} | {_fmt(entry['insertion'], True)} | "
-                f"{_fmt(entry['deletion'], True)} | {_fmt(entry['spearman'], True)} | {_fmt(entry['accuracy'], True)} | "
+                f"{_fmt(entry['deletion'], True)} | {_fmt(entry['pearson'], True)} | {_fmt(entry['spearman'], True)} | "
+                f"{_fmt(entry['top10_overlap'], True)} | {_fmt(entry['accuracy'], True)} | "
                 f"{_fmt(entry['top1_agreement'])} |"
             )
         improved = [
@@ -133,10 +137,10 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
         lines += [
             "## Kernel SHAP crossover",
             "",
-            "Smallest Kernel SHAP budget (model evaluations per image) whose agreement with the reference reaches the "
+            "Smallest Kernel SHAP budget (model evaluations per image) whose Pearson with the reference reaches the "
             "single-pass transferred map's (recommended α); `none` means the map beats every budget tested.",
             "",
-            "| seed | source → target | α | transferred spearman | B* |",
+            "| seed | source → target | α | transferred map's Pearson | B* |",
             "|---|---|---|---|---|",
         ]
         for row in cross:
@@ -153,25 +157,102 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
     return report_dir / "report.md"
 
 
+def _in_domain_section(results: dict[str, Any]) -> list[str]:
+    """In-domain fidelity of each source's self-explaining model, against a reference of the same model."""
+    cfg = results["config"]
+    lines = [
+        "## In-domain fidelity (source test images)",
+        "",
+        "The source's self-explaining model explains its own predictions in one forward pass. Reference: Kernel SHAP "
+        f"of the same model at {cfg['reference_budget']} evaluations (paired sampling); its convergence is the "
+        "Pearson between two reference seeds. B*: the smallest Kernel SHAP budget whose Pearson with the reference "
+        "reaches the single pass's (`< b`: already the smallest budget tested; `> b`: none tested does).",
+        "",
+        "| source | accuracy (pred-only → self-explaining) | reference seeds agree | explainer | insertion | deletion | "
+        "pearson | spearman | top-10% | B* |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows: dict[tuple[str, str], dict[str, list]] = {}
+    for per_source in results["in_domain"].values():
+        for source, res in per_source.items():
+            for name, entry in res["explainers"].items():
+                slot = rows.setdefault(
+                    (source, name), {"acc_p": [], "acc_s": [], "agree": [], "B": [], **{m: [] for m in entry}}
+                )
+                for m, v in entry.items():
+                    slot[m].append(v)
+                slot["acc_p"].append(res["accuracy_prediction_only"])
+                slot["acc_s"].append(res["accuracy_self_explaining"])
+                slot["agree"].append(res["reference_seed_agreement"])
+                if name == "self_explaining":
+                    slot["B"].append(_budget_text(res["budget_match"]))
+    for (source, name), slot in sorted(
+        rows.items(), key=lambda r: (r[0][0], r[0][1] != "self_explaining", r[0][1])
+    ):
+        lines.append(
+            f"| {source} | {_fmt(slot['acc_p'])} → {_fmt(slot['acc_s'])} | {_fmt(slot['agree'])} | {name} | "
+            f"{_fmt(slot['insertion'])} | {_fmt(slot['deletion'])} | {_fmt(slot['pearson'])} | {_fmt(slot['spearman'])} | "
+            f"{_fmt(slot['top10_overlap'])} | {', '.join(slot['B']) or '—'} |"
+        )
+    curve_rows = []
+    for seed, per_source in results["in_domain"].items():
+        for source, res in per_source.items():
+            cells = " | ".join(f"{res['kernel_shap'][b]['pearson']:.3f}" for b in res["kernel_shap"])
+            curve_rows.append(f"| {seed} | {source} | {cells} |")
+    budgets = next(iter(next(iter(results["in_domain"].values())).values()))["kernel_shap"]
+    lines += [
+        "",
+        "Kernel SHAP's own Pearson with the reference, by budget (evaluations per image):",
+        "",
+        "| seed | source | " + " | ".join(budgets) + " |",
+        "|---|---|" + "---|" * len(budgets),
+        *curve_rows,
+        "",
+    ]
+    return lines
+
+
+def _budget_text(match: dict[str, Any] | None) -> str:
+    if not match:
+        return "—"
+    if match["relation"] == "above":
+        return f"> {match['largest_tested']}"
+    if match["relation"] == "below":
+        return f"≤ {match['budget']}"
+    return str(match["budget"])
+
+
 def _explainer_table(results: dict[str, Any]) -> str:
     rows = {}
     for per_target in results["per_seed"].values():
         for target, res in per_target.items():
             for name, entry in res["explainers"].items():
                 slot = rows.setdefault(
-                    (target, name), {m: [] for m in ("insertion", "deletion", "spearman", "pointing_game")}
+                    (target, name),
+                    {
+                        m: []
+                        for m in (
+                            "insertion",
+                            "deletion",
+                            "pearson",
+                            "spearman",
+                            "top10_overlap",
+                            "pointing_game",
+                        )
+                    },
                 )
                 for m in slot:
                     if m in entry:
                         slot[m].append(entry[m])
     out = [
-        "| target | explainer | insertion | deletion | spearman | pointing game |",
-        "|---|---|---|---|---|---|",
+        "| target | explainer | insertion | deletion | pearson | spearman | top-10% | pointing game |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (target, name), slot in sorted(rows.items()):
         pg = _fmt(slot["pointing_game"]) if slot["pointing_game"] else "n/a"
         out.append(
-            f"| {target} | {name} | {_fmt(slot['insertion'])} | {_fmt(slot['deletion'])} | {_fmt(slot['spearman'])} | {pg} |"
+            f"| {target} | {name} | {_fmt(slot['insertion'])} | {_fmt(slot['deletion'])} | {_fmt(slot['pearson'])} | "
+            f"{_fmt(slot['spearman'])} | {_fmt(slot['top10_overlap'])} | {pg} |"
         )
     return "\n".join(out)
 
@@ -188,15 +269,15 @@ def _sweep_table(results: dict[str, Any]) -> str:
                     for m in slot:
                         slot[m].append(entry[m])
     out = [
-        "| source → target | α | insertion | deletion | spearman | accuracy | top-1 kept |",
-        "|---|---|---|---|---|---|---|",
+        "| source → target | α | insertion | deletion | pearson | spearman | accuracy | top-1 kept |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (source, target, alpha), slot in sorted(
         rows.items(), key=lambda r: (r[0][0], r[0][1], float(r[0][2]))
     ):
         out.append(
             f"| {source} → {target} | {alpha} | {_fmt(slot['insertion'])} | {_fmt(slot['deletion'])} | "
-            f"{_fmt(slot['spearman'])} | {_fmt(slot['accuracy'])} | {_fmt(slot['top1_agreement'])} |"
+            f"{_fmt(slot['pearson'])} | {_fmt(slot['spearman'])} | {_fmt(slot['accuracy'])} | {_fmt(slot['top1_agreement'])} |"
         )
     return "\n".join(out)
 
@@ -214,7 +295,7 @@ def _plots(results: dict[str, Any], report_dir: Path) -> None:
             for source, transfer in res["transfer"].items():
                 for alpha, entry in transfer["sweep"].items():
                     curves.setdefault(f"{source}→{target}", {}).setdefault(float(alpha), []).append(
-                        (entry["insertion"] - entry["deletion"], entry["spearman"])
+                        (entry["insertion"] - entry["deletion"], entry["pearson"])
                     )
     for label, points in curves.items():
         alphas = sorted(points)
@@ -223,7 +304,7 @@ def _plots(results: dict[str, Any], report_dir: Path) -> None:
                 alphas, [statistics.fmean(p[i] for p in points[a]) for a in alphas], marker="o", label=label
             )
     axes[0].set(xlabel="α", ylabel="insertion − deletion", title="Faithfulness vs α")
-    axes[1].set(xlabel="α", ylabel="Spearman with Kernel SHAP reference", title="Agreement vs α")
+    axes[1].set(xlabel="α", ylabel="Pearson with Kernel SHAP reference", title="Agreement vs α")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(report_dir / "alpha_sweep.png", dpi=110)
@@ -238,10 +319,10 @@ def _plots(results: dict[str, Any], report_dir: Path) -> None:
                 continue
             budgets = [int(b) for b in curve]
             line = ax.plot(
-                budgets, [curve[b]["spearman"] for b in curve], marker="o", label=f"Kernel SHAP, {target}"
+                budgets, [curve[b]["pearson"] for b in curve], marker="o", label=f"Kernel SHAP, {target}"
             )
             for source, transfer in res["transfer"].items():
-                value = transfer["sweep"][f"{transfer['recommended_alpha']:g}"]["spearman"]
+                value = transfer["sweep"][f"{transfer['recommended_alpha']:g}"]["pearson"]
                 ax.axhline(
                     value,
                     linestyle="--",
@@ -255,7 +336,7 @@ def _plots(results: dict[str, Any], report_dir: Path) -> None:
         ax.set(
             xscale="log",
             xlabel="model evaluations per image",
-            ylabel="Spearman with reference",
+            ylabel="Pearson with reference",
             title="Quality vs Kernel SHAP budget",
         )
         ax.legend(fontsize=6)

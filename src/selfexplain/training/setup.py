@@ -142,13 +142,18 @@ def _load_model(config: TrainingConfig, names: Sequence[str]) -> ViTForSelfExpla
 
 @contextlib.contextmanager
 def _quiet_load_report() -> Iterator[None]:
+    """Drop transformers' load report (only it: a filter, not a log level, which would change what transformers
+    checks and logs) while a base is loaded with a classifier that is re-initialised on purpose."""
     loading_logger = transformers_logging.get_logger("transformers.modeling_utils")
-    level = loading_logger.level
-    loading_logger.setLevel(logging.ERROR)
+
+    def not_the_report(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+    loading_logger.addFilter(not_the_report)
     try:
         yield
     finally:
-        loading_logger.setLevel(level)
+        loading_logger.removeFilter(not_the_report)
 
 
 def _key_name(key: Any) -> str:

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.constants import is_offline_mode
-from huggingface_hub.errors import HFValidationError, RemoteEntryNotFoundError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.errors import RemoteEntryNotFoundError
 from safetensors import safe_open
 
 from ..errors import InvalidExplanationVectorError, NotAnExplanationVectorError
+from ..hub import could_be_repo_id
 from .checks import (
     _SAFETENSORS_DTYPES,
     MAX_CONFIG_BYTES,
@@ -214,7 +214,7 @@ def classify_source(
         return Source(path, kind, True, tuple(entries[:20]))
     if os.path.exists(path):
         return Source(path, "file", True)
-    if not _could_be_repo_id(path):
+    if not could_be_repo_id(path):
         return Source(path, "missing", True)
     if is_offline_mode():
         for filename, kind in ((VECTOR_CONFIG_NAME, "vector"), (MODEL_CONFIG_NAME, "model")):
@@ -222,16 +222,6 @@ def classify_source(
             if isinstance(cached, str):
                 return Source(path, kind, False)
     return Source(path, "hub", False)
-
-
-def _could_be_repo_id(name: str) -> bool:
-    if not name or name.startswith((".", "~", "/")) or "\\" in name or os.path.isabs(name):
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
 
 
 def _looks_like_dataset(path: str, entries: list[str]) -> bool:
