@@ -281,8 +281,13 @@ def test_bad_images_and_outputs_are_rejected(vit, images):
     with pytest.raises(ValueError, match="pixel_values"):
         kernel_shap_values(vit, images[0], grid=(2, 2))
 
-    def returns_a_tuple(x):
+    def returns_a_tuple(x):  # like transformers with return_dict=False: logits first
         return (x.flatten(1)[:, :3],)
 
+    assert kernel_shap_values(returns_a_tuple, images, grid=(2, 2), budget=8).shape == (len(images), 3, 2, 2)
+
+    def returns_features(x):
+        return {"hidden_states": x.flatten(1)}
+
     with pytest.raises(TypeError, match="logits"):
-        kernel_shap_values(returns_a_tuple, images, grid=(2, 2), budget=8)
+        kernel_shap_values(returns_features, images, grid=(2, 2), budget=8)

@@ -149,7 +149,7 @@ def resolve_target(
         )
     too_high = num_classes is not None and bool((classes >= num_classes).any())
     if bool((classes < 0).any()) or too_high:
-        bound = f"[0, {num_classes})" if num_classes is not None else "non-negative"
+        bound = f"in [0, {num_classes})" if num_classes is not None else "non-negative"
         raise ValueError(f"target classes must be {bound}, got {classes.tolist()}.")
     return classes
 

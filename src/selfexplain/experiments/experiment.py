@@ -22,6 +22,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,11 @@ class ExperimentConfig:
     report_dir: str | None = None
     base: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
-    explanation_loss_weight: float = 10.0
+    explanation_loss_weight: float = 100.0
     # "shapley": the amortised objective (no targets; the prediction-only model is the frozen value model);
     # "targets": Kernel SHAP targets at `target_budget`, fitted with `explanation_loss`.
     explanation_objective: str = "shapley"
-    coalitions_per_image: int = 4
+    coalitions_per_image: int = 2
     explanation_loss: str = "mse"
     # Explanations and Shapley values live on the model's patch grid unless a coarser grid is given.
     player_grid: list[int] | None = None
@@ -105,11 +106,18 @@ class ExperimentConfig:
             return [(s, t) for s, t in self.pairs]
         return [(s, t) for s in self.sources for t in self.targets if s != t]
 
+    def base_settings(self) -> dict[str, Any]:
+        """The base's settings: ``base`` itself, or the config of the packaged base it names."""
+        if "packaged" in self.base:
+            return json.loads((packaged_base(self.base["packaged"]) / "config.json").read_text())
+        return self.base
+
     def grid(self) -> tuple[int, int]:
         """The player grid: the config's, else the base's patch grid."""
         if self.player_grid is not None:
             return tuple(self.player_grid)
-        size, patch = int(self.base.get("image_size", 32)), int(self.base.get("patch_size", 4))
+        settings = self.base_settings()
+        size, patch = int(settings.get("image_size", 32)), int(settings.get("patch_size", 4))
         return size // patch, size // patch
 
     def domains(self) -> list[str]:
@@ -128,7 +136,7 @@ class Experiment:
         self.log = log
         self.work = Path(config.output_dir) / "work"
         self.timings: dict[str, float] = {}
-        self.processor = default_image_processor(int(config.base.get("image_size", 32)))
+        self.processor = default_image_processor(config.base_settings().get("image_size", 32))
 
     # -- data
     def dataset(self, domain: str, seed: int, split: str, limit: int | None):
@@ -154,6 +162,9 @@ class Experiment:
         return result
 
     def base(self, seed: int) -> Path:
+        """θ0: the packaged base named by ``base["packaged"]`` (shared by every seed), else pre-trained per seed."""
+        if "packaged" in self.config.base:
+            return packaged_base(self.config.base["packaged"])
         path = self.work / f"seed{seed}" / "base"
         if not (path / "config.json").exists():
             self.log(f"[seed {seed}] pre-training the base θ0 -> {path}")
@@ -405,7 +416,7 @@ class Experiment:
         se = self.load(
             self.finetune(seed, source, cfg.explanation_loss_weight, self.with_targets(seed, source))
         )
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: Grad-CAM backpropagates to the logits of these classes
             se_classes = se(x, explain=None).logits.argmax(-1)
             pred_classes = pred(x, explain=None).logits.argmax(-1)
         self.log(f"[seed {seed}] {source}: in-domain reference (budget {cfg.reference_budget})")
@@ -591,6 +602,18 @@ def _as_plain_classifier(model: ViTForSelfExplainingClassification):
     return plain.eval()
 
 
+#: Bases θ0 shipped with the package (``experiments/bases/<name>``), each with the command that made it in its
+#: ``pretraining_metrics.json``: the demo starts from one instead of spending its minutes on pre-training.
+PACKAGED_BASES = ("patch4-union",)
+
+
+def packaged_base(name: str) -> Path:
+    """Folder of a packaged base θ0 (a plain ``ViTForImageClassification`` + image processor)."""
+    if name not in PACKAGED_BASES:
+        raise ValueError(f"Unknown packaged base {name!r}; the package has {PACKAGED_BASES}.")
+    return Path(str(resources.files("selfexplain.experiments").joinpath("bases", name)))
+
+
 def agreement(maps: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     """Mean Pearson, Spearman and top-10 % overlap of ``maps`` with ``reference`` (both ``(B, gh, gw)``)."""
     flat, ref = maps.flatten(1).float(), reference.flatten(1).float()
@@ -603,20 +626,19 @@ def agreement(maps: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
 
 
 def budget_match(curve: dict[str, dict[str, float]], pearson: float) -> dict[str, Any]:
-    """B*: the smallest Kernel SHAP budget from which on *every* budget of ``curve`` reaches the single pass's
-    mean Pearson with the reference (Kernel SHAP is not monotone in its budget at small budgets, where exact
-    small-size enumeration uses it up); ``below`` when even the smallest budget does, ``above`` when the
-    largest does not."""
+    """B*: the smallest Kernel SHAP budget of ``curve`` whose mean Pearson with the reference reaches the single
+    pass's ``pearson`` (``below``: already the smallest budget tested; ``above``: no budget tested does).
+
+    Kernel SHAP is not monotone in its budget below about 2n evaluations (exact enumeration of the smallest
+    coalition sizes uses the budget up), so a small budget can reach a value a larger one misses; B* takes the
+    smallest that does, the reading least flattering to the single pass.
+    """
     budgets = sorted(int(b) for b in curve)
-    matched = None
-    for budget in reversed(budgets):
-        if curve[str(budget)]["pearson"] < pearson:
-            break
-        matched = budget
-    if matched is None:
+    reached = [b for b in budgets if curve[str(b)]["pearson"] >= pearson]
+    if not reached:
         return {"budget": None, "relation": "above", "largest_tested": budgets[-1]}
-    relation = "below" if matched == budgets[0] else "at"
-    return {"budget": matched, "relation": relation, "largest_tested": budgets[-1]}
+    relation = "below" if reached[0] == budgets[0] else "at"
+    return {"budget": reached[0], "relation": relation, "largest_tested": budgets[-1]}
 
 
 def _alpha_key(alpha: float) -> str:
