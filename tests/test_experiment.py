@@ -72,6 +72,10 @@ def test_demo_vector_makes_the_target_explain_itself(demo):
     alpha = transfer["recommended_alpha"]
     assert alpha > 0
     before, after = transfer["sweep"]["0"], transfer["sweep"][f"{alpha:g}"]
+    vector_config = json.loads(
+        (out / "work" / "seed0" / "mnist-vector" / "explanation_vector_config.json").read_text()
+    )
+    assert vector_config["recommended_alpha"] == alpha  # what the vector recommends is what was selected
     assert after["pearson"] > before["pearson"] + TRANSFER_MARGIN
     assert after["insertion"] - after["deletion"] > before["insertion"] - before["deletion"]
     assert after["accuracy"] >= before["accuracy"] - 0.05

@@ -136,6 +136,9 @@ class Experiment:
         self.log = log
         self.work = Path(config.output_dir) / "work"
         self.timings: dict[str, float] = {}
+        if config.num_threads is not None:
+            # Here, not in `run`: stages called one by one (the notebook does) must compute what `run` computes.
+            torch.set_num_threads(config.num_threads)
         self.processor = default_image_processor(config.base_settings().get("image_size", 32))
 
     # -- data
@@ -466,6 +469,12 @@ class Experiment:
                 "select_top1_agreement": float((pred == original).float().mean()),
             }
         cache[(seed, source)] = _select_alpha(sweep, cfg.agreement_threshold)
+        # The published vector recommends the α selected here, so that `alpha=None` applies it.
+        path = self.work / f"seed{seed}" / f"{source}-vector"
+        stored = ExplanationVector.from_pretrained(path)
+        if stored.config.recommended_alpha != cache[(seed, source)]:
+            stored.config.recommended_alpha = cache[(seed, source)]
+            stored.save_pretrained(path)
         return cache[(seed, source)]
 
     @staticmethod
@@ -500,8 +509,6 @@ class Experiment:
     # ------------------------------------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
         cfg = self.config
-        if cfg.num_threads is not None:
-            torch.set_num_threads(cfg.num_threads)
         started = time.perf_counter()
         crossover_seeds = cfg.crossover_seeds if cfg.crossover_seeds is not None else cfg.seeds[:1]
         per_seed = {}
