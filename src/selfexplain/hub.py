@@ -45,28 +45,22 @@ def publish_folder(
     if callable(folder):
         with tempfile.TemporaryDirectory() as tmp:
             folder(Path(tmp))
-            return _upload(Path(tmp), repo_id, commit_message, token, private, revision, create_pr,
-                           allow_patterns, ignore_patterns)  # fmt: skip
-    return _upload(Path(folder), repo_id, commit_message, token, private, revision, create_pr,
-                   allow_patterns, ignore_patterns)  # fmt: skip
-
-
-def _upload(
-    folder: Path,
-    repo_id: str,
-    commit_message: str,
-    token: str | bool | None,
-    private: bool | None,
-    revision: str | None,
-    create_pr: bool,
-    allow_patterns: Sequence[str] | None,
-    ignore_patterns: Sequence[str] | None,
-) -> CommitInfo:
+            return publish_folder(
+                tmp,
+                repo_id,
+                commit_message=commit_message,
+                token=token,
+                private=private,
+                revision=revision,
+                create_pr=create_pr,
+                allow_patterns=allow_patterns,
+                ignore_patterns=ignore_patterns,
+            )
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     return api.upload_folder(
         repo_id=repo_id,
-        folder_path=folder,
+        folder_path=Path(folder),
         revision=revision,
         commit_message=commit_message,
         create_pr=create_pr,
