@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
+from transformers import ViTForImageClassification
 
 from ..attribution import shapley
 from ..attribution.targets import add_explanation_targets
@@ -602,8 +603,6 @@ class Experiment:
 
 
 def _as_plain_classifier(model: ViTForSelfExplainingClassification):
-    from transformers import ViTForImageClassification
-
     plain = ViTForImageClassification(model.config)
     plain.load_state_dict(model.state_dict())
     return plain.eval()

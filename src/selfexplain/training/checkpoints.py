@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..hub import publish_folder
 from .config import TrainingConfig
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -80,15 +81,12 @@ def _truncate_jsonl(path: Path, max_step: int, eval_history: list[dict[str, Any]
 
 
 def _push_folder(config: TrainingConfig, folder: Path) -> str:
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=config.hub_token)
-    repo_id = config.hub_model_id or folder.resolve().name
-    api.create_repo(repo_id, private=config.hub_private, exist_ok=True)
     kind = "self-explaining" if config.explanation_loss_weight > 0 else "prediction-only"
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
+    commit = publish_folder(
+        folder,
+        config.hub_model_id or folder.resolve().name,
+        token=config.hub_token,
+        private=config.hub_private,
         # Checkpoints and the per-batch audit trail can be large; the model, its config and logs are pushed.
         ignore_patterns=[f"{CHECKPOINTS_DIR}/**", BATCHES_LOG_NAME, ".*", "**/.*"],
         commit_message=f"Upload {kind} ViT (λ = {config.explanation_loss_weight}) trained with selfexplain",

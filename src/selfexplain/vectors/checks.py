@@ -4,26 +4,24 @@ depth, the architecture's ranges, and every declared tensor's key and shape agai
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from ..modeling_self_explaining_vit import ViTForSelfExplainingClassification
-from .compatibility import FINGERPRINT_FIELDS
-
-if TYPE_CHECKING:
-    from .config import ExplanationVectorConfig
-
 import functools
 import json
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import ViTConfig
 from transformers.activations import ACT2FN
 
 from ..errors import InvalidExplanationVectorError
+from ..modeling_self_explaining_vit import ViTForSelfExplainingClassification
 from .checkpoint_keys import serialized_names
+from .compatibility import FINGERPRINT_FIELDS
+
+if TYPE_CHECKING:
+    from .config import ExplanationVectorConfig
 
 # Limits on what a vector from a stranger may ask of the loader. A ViT-22B vector's config is ~100 KiB and its
 # safetensors header ~80 KiB, so these are far above real files and far below anything that hurts.
@@ -218,8 +216,6 @@ def _architecture_shapes(
     Built from a one-layer model on the meta device (no memory for weights), so the shapes are exactly those
     transformers creates, activation parameters and all; the layers are identical, so one stands for all.
     """
-    from transformers import ViTConfig
-
     fields = {**json.loads(architecture_json), "num_hidden_layers": 1, "num_labels": 1}
     with torch.device("meta"):
         model = ViTForSelfExplainingClassification(ViTConfig(**fields))
