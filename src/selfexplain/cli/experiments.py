@@ -38,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", default=None, help="Work folder (models, targets); default: the config's.")
     p.add_argument("--report-dir", default=None, help="Where report.md and plots go; default: the config's.")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="Override the config's seeds.")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="Worker processes (default: the config's; set to your cores).",
+    )
     p.set_defaults(handler=_cmd_experiment)
 
     p = sub.add_parser(
@@ -78,7 +84,11 @@ def packaged_config(name: str) -> Path:
 
 def _cmd_experiment(args: argparse.Namespace, command: str | None = None) -> dict:
     config = ExperimentConfig.from_json_file(
-        packaged_config(args.config), output_dir=args.output_dir, report_dir=args.report_dir, seeds=args.seeds
+        packaged_config(args.config),
+        output_dir=args.output_dir,
+        report_dir=args.report_dir,
+        seeds=args.seeds,
+        workers=args.workers,
     )
     experiment = Experiment(config)
     results = experiment.run()
@@ -96,6 +106,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         output_dir=args.output_dir,
         report_dir=str(Path(args.output_dir) / "report"),
         seeds=None,
+        workers=None,
     )
     results = _cmd_experiment(ns, command=f"selfexplain demo --output-dir {args.output_dir}")
     seed = str(results["config"]["seeds"][0])

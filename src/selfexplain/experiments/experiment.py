@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import platform
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -92,6 +95,9 @@ class ExperimentConfig:
     # The offline models are tiny: one intra-op thread is as fast as two on an idle 2-core machine and 20-40x
     # faster when another process competes for the cores (OpenMP threads spin-wait). None: torch's default.
     num_threads: int | None = 1
+    # Worker processes: the suite is split into units (a seed's base, each source, each target) run in this many
+    # processes, each unit starting as soon as the units it needs are done. Set to the number of cores.
+    workers: int = 1
 
     @classmethod
     def from_json_file(cls, path: str | Path, **overrides: Any) -> ExperimentConfig:
@@ -366,6 +372,13 @@ class Experiment:
             if "kernel_shap" in result and _alpha_key(recommended) in sweep:
                 pearson = sweep[_alpha_key(recommended)]["pearson"]
                 result["transfer"][source]["budget_match"] = budget_match(result["kernel_shap"], pearson)
+            if _alpha_key(recommended) in sweep:
+                result["transfer"][source]["paired"] = paired_comparisons(
+                    sweep[_alpha_key(recommended)], result["explainers"], seed=seed
+                )
+        _drop_per_image(result["explainers"])
+        for transfer in result["transfer"].values():
+            _drop_per_image(transfer["sweep"])
         return result
 
     def reference(self, model, x, classes, seed: int) -> tuple[torch.Tensor, float]:
@@ -434,8 +447,11 @@ class Experiment:
             "random": explainers.random_explanation(x, grid, seed=seed),
         }
         scored = {name: self.score(se, x, m, reference, masks, se_classes) for name, m in maps.items()}
+        paired = paired_comparisons(scored["self_explaining"], scored, seed=seed)
+        _drop_per_image(scored)
         curve = self.budget_curve(se, x, se_classes, reference, seed)
         return {
+            "paired": paired,
             "accuracy_self_explaining": float((se_classes == labels).float().mean()),
             "accuracy_prediction_only": float((pred_classes == labels).float().mean()),
             "top1_agreement": float((se_classes == pred_classes).float().mean()),
@@ -448,10 +464,13 @@ class Experiment:
         }
 
     def recommended_alpha(self, seed: int, source: str) -> float:
-        """α chosen on the source's own validation images: best insertion − deletion with top-1 kept."""
-        cache = self.__dict__.setdefault("_recommended", {})
-        if (seed, source) in cache:
-            return cache[(seed, source)]
+        """α chosen on the source's own validation images: best insertion − deletion with top-1 kept.
+
+        Written next to the vector (and into its config, so that ``alpha=None`` applies it); read back when there.
+        """
+        record = self.work / f"seed{seed}" / f"{source}-recommended-alpha.json"
+        if record.exists():
+            return float(json.loads(record.read_text())["alpha"])
         cfg = self.config
         val = self.dataset(source, seed, "validation", cfg.num_select)
         x = self.pixels(val)
@@ -469,14 +488,14 @@ class Experiment:
                 "select_insertion_minus_deletion": faith["insertion"] - faith["deletion"],
                 "select_top1_agreement": float((pred == original).float().mean()),
             }
-        cache[(seed, source)] = _select_alpha(sweep, cfg.agreement_threshold)
-        # The published vector recommends the α selected here, so that `alpha=None` applies it.
+        alpha = _select_alpha(sweep, cfg.agreement_threshold)
         path = self.work / f"seed{seed}" / f"{source}-vector"
         stored = ExplanationVector.from_pretrained(path)
-        if stored.config.recommended_alpha != cache[(seed, source)]:
-            stored.config.recommended_alpha = cache[(seed, source)]
+        if stored.config.recommended_alpha != alpha:
+            stored.config.recommended_alpha = alpha
             stored.save_pretrained(path)
-        return cache[(seed, source)]
+        record.write_text(json.dumps({"alpha": alpha, "sweep": sweep}, indent=1))
+        return alpha
 
     @staticmethod
     def patch_map(model, x, classes, grid) -> torch.Tensor:
@@ -485,8 +504,12 @@ class Experiment:
         return pool_to_player_grid(maps, grid)
 
     def faithfulness(self, model, x, maps, target) -> dict[str, float]:
+        auc = self._auc(model, x, maps, target)
+        return {"insertion": float(auc["insertion"].mean()), "deletion": float(auc["deletion"].mean())}
+
+    def _auc(self, model, x, maps, target) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
-            auc = insertion_deletion_auc(
+            return insertion_deletion_auc(
                 model,
                 x,
                 maps,
@@ -495,42 +518,94 @@ class Experiment:
                 batch_size=self.config.batch_size,
                 steps=self.config.auc_steps,
             )
-        return {"insertion": float(auc["insertion"].mean()), "deletion": float(auc["deletion"].mean())}
 
-    def score(self, model, x, maps, reference, masks, target) -> dict[str, float]:
+    def score(self, model, x, maps, reference, masks, target) -> dict[str, Any]:
         """Faithfulness on every image; agreement with the reference on the first ``len(reference)`` images
-        (Pearson, Spearman and top-10 % overlap: Spearman alone is dominated by ties on flat backgrounds)."""
-        out = self.faithfulness(model, x, maps, target)
+        (Pearson, Spearman and top-10 % overlap: Spearman alone is dominated by ties on flat backgrounds).
+
+        ``_per_image`` keeps the per-image insertion, deletion and Pearson for the paired comparisons
+        (:func:`paired_comparisons`), which remove it."""
+        auc = self._auc(model, x, maps, target)
+        out: dict[str, Any] = {
+            "insertion": float(auc["insertion"].mean()),
+            "deletion": float(auc["deletion"].mean()),
+        }
         out.update(agreement(maps[: len(reference)], reference))
         if masks is not None:
             out["pointing_game"] = float(metrics.pointing_game(maps, masks).float().mean())
             out["relevance_mass"] = float(torch.nan_to_num(metrics.relevance_mass(maps, masks)).mean())
+        pearson = torch.nan_to_num(
+            metrics.pearson(maps[: len(reference)].flatten(1).float(), reference.flatten(1))
+        )
+        out["_per_image"] = {
+            "insertion": auc["insertion"].tolist(),
+            "deletion": auc["deletion"].tolist(),
+            "pearson": pearson.tolist(),
+        }
         return out
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
+        """Every unit of the suite (cached: a finished unit is read back), then the results dict."""
         cfg = self.config
         started = time.perf_counter()
-        crossover_seeds = cfg.crossover_seeds if cfg.crossover_seeds is not None else cfg.seeds[:1]
-        per_seed = {}
-        in_domain = {}
-        for seed in cfg.seeds:
-            in_domain[str(seed)] = {source: self.evaluate_source(seed, source) for source in cfg.sources}
-            per_seed[str(seed)] = {}
-            for target in cfg.targets:
-                sources = [s for s, t in cfg.pair_list() if t == target]
-                per_seed[str(seed)][target] = self.evaluate_target(
-                    seed, target, sources, seed in crossover_seeds
-                )
+        units = self.units()
+        done = run_units(units, cfg, self.work, workers=cfg.workers, log=self.log)
+        per_seed: dict[str, dict[str, Any]] = {}
+        in_domain: dict[str, dict[str, Any]] = {}
+        timings: dict[str, float] = {}
+        for (kind, seed, name), unit in done.items():
+            for key, value in unit.get("timings_s", {}).items():
+                timings[key] = timings.get(key, 0.0) + value
+            if kind == "source":
+                in_domain.setdefault(str(seed), {})[name] = unit["result"]
+            elif kind == "target":
+                per_seed.setdefault(str(seed), {})[name] = unit["result"]
+        order = lambda d: {s: d[s] for s in map(str, cfg.seeds) if s in d}  # noqa: E731
         return {
             "config": asdict(cfg),
-            "per_seed": per_seed,
-            "in_domain": in_domain,
+            "per_seed": order(per_seed),
+            "in_domain": order(in_domain),
             "grid": list(cfg.grid()),
-            "timings_s": {k: round(v, 1) for k, v in self.timings.items()},
+            "timings_s": {k: round(v, 1) for k, v in timings.items()},
+            "unit_wall_s": {"/".join(map(str, k)): round(u["wall_s"], 1) for k, u in done.items()},
             "wall_time_s": round(time.perf_counter() - started, 1),
-            "environment": _environment(),
+            "environment": _environment(cfg.workers),
         }
+
+    def units(self) -> dict[Unit, list[Unit]]:
+        """The suite's units, in the order they are started when ready, each with the units it needs."""
+        cfg = self.config
+        units: dict[Unit, list[Unit]] = {}
+        for seed in cfg.seeds:
+            base = ("base", seed, "")
+            units[base] = []
+            for source in cfg.sources:
+                units[("source", seed, source)] = [base]
+            for target in cfg.targets:
+                needs = [s for s, t in cfg.pair_list() if t == target]
+                if (
+                    target in cfg.sources
+                ):  # its models are the source unit's (the oracle is its self-explaining)
+                    needs.append(target)
+                units[("target", seed, target)] = [base] + [("source", seed, s) for s in dict.fromkeys(needs)]
+        return units
+
+    def run_unit(self, unit: Unit) -> Any:
+        """Compute one unit (its dependencies are assumed done)."""
+        kind, seed, name = unit
+        crossover_seeds = self.config.crossover_seeds
+        crossover_seeds = crossover_seeds if crossover_seeds is not None else self.config.seeds[:1]
+        if kind == "base":
+            return str(self.base(seed))
+        if kind == "source":
+            result = self.evaluate_source(seed, name)
+            result["recommended_alpha"] = self.recommended_alpha(seed, name)
+            return result
+        if kind == "target":
+            sources = [s for s, t in self.config.pair_list() if t == name]
+            return self.evaluate_target(seed, name, sources, seed in crossover_seeds)
+        raise ValueError(f"Unknown unit kind {kind!r}.")
 
     def heatmap_figure(self, path: str | Path) -> Path:
         """Heatmaps of the first pair and seed: image, no transfer, with the vector, attention rollout, and the
@@ -631,6 +706,51 @@ def agreement(maps: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     }
 
 
+#: Per-image measures compared in pairs, and the sign that means "the map is better" for each.
+PAIRED_MEASURES = {"insertion": 1, "deletion": -1, "insertion_minus_deletion": 1, "pearson": 1}
+
+
+def paired_comparisons(
+    entry: dict[str, Any], others: dict[str, dict[str, Any]], seed: int = 0, resamples: int = 2000
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Paired differences ``entry − other`` on the same images, for every explainer in ``others``.
+
+    Per measure: the mean difference, its 95 % bootstrap confidence interval (images resampled, seeded), the
+    number of images, and the share of images on which ``entry`` is better. The insertion/deletion measures use
+    every evaluated image, Pearson the reference images.
+    """
+    mine = _per_image_measures(entry)
+    generator = np.random.default_rng(seed)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, other in others.items():
+        if other is entry or "_per_image" not in other:
+            continue
+        theirs = _per_image_measures(other)
+        out[name] = {}
+        for measure, sign in PAIRED_MEASURES.items():
+            diff = mine[measure] - theirs[measure]
+            draws = generator.integers(0, len(diff), size=(resamples, len(diff)))
+            means = diff[draws].mean(axis=1)
+            out[name][measure] = {
+                "mean_diff": float(diff.mean()),
+                "ci95": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
+                "n": len(diff),
+                "better_share": float((sign * diff > 0).mean()),
+            }
+    return out
+
+
+def _per_image_measures(entry: dict[str, Any]) -> dict[str, np.ndarray]:
+    per = {k: np.asarray(v, dtype=float) for k, v in entry["_per_image"].items()}
+    per["insertion_minus_deletion"] = per["insertion"] - per["deletion"]
+    return per
+
+
+def _drop_per_image(entries: dict[str, dict[str, Any]]) -> None:
+    for entry in entries.values():
+        entry.pop("_per_image", None)
+
+
 def budget_match(curve: dict[str, dict[str, float]], pearson: float) -> dict[str, Any]:
     """B*: the smallest Kernel SHAP budget of ``curve`` whose mean Pearson with the reference reaches the single
     pass's ``pearson`` (``below``: already the smallest budget tested; ``above``: no budget tested does).
@@ -659,10 +779,83 @@ def _select_alpha(sweep: dict[str, dict[str, float]], threshold: float) -> float
     return float(max(allowed, key=lambda a: (allowed[a]["select_insertion_minus_deletion"], -float(a))))
 
 
-def _environment() -> dict[str, str]:
+def _environment(workers: int = 1) -> dict[str, str]:
+    cores = os.cpu_count()
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.machine()}, {cores} cores, {workers} worker process(es) × "
+        f"{torch.get_num_threads()} thread(s)",
     }
+
+
+# ------------------------------------------------------------------------------------------------- units
+#: A unit of work: (kind, seed, domain) with kind "base", "source" or "target".
+Unit = tuple[str, int, str]
+
+
+def _unit_file(work: Path, unit: Unit) -> Path:
+    kind, seed, name = unit
+    return work / f"seed{seed}" / "results" / (f"{kind}-{name}.json" if name else f"{kind}.json")
+
+
+def _compute_unit(config: dict[str, Any], unit: Unit) -> dict[str, Any]:
+    """Run one unit in this process and write its result file (so that a killed suite resumes after it)."""
+    experiment = Experiment(ExperimentConfig(**config))
+    started = time.perf_counter()
+    result = experiment.run_unit(unit)
+    record = {
+        "unit": list(unit),
+        "result": result,
+        "timings_s": experiment.timings,
+        "wall_s": time.perf_counter() - started,
+    }
+    path = _unit_file(experiment.work, unit)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    os.replace(tmp, path)  # atomic: a unit file is complete or absent
+    return record
+
+
+def run_units(
+    units: dict[Unit, list[Unit]],
+    config: ExperimentConfig,
+    work: Path,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+    compute: Callable[[dict[str, Any], Unit], dict[str, Any]] = _compute_unit,
+) -> dict[Unit, dict[str, Any]]:
+    """Run every unit whose result file is missing, each once the units it needs are done, in up to ``workers``
+    processes (units are started in the order of ``units`` among those ready). Returns every unit's record."""
+    done: dict[Unit, dict[str, Any]] = {}
+    for unit in units:
+        path = _unit_file(work, unit)
+        if path.exists():
+            done[unit] = json.loads(path.read_text())
+    pending = [u for u in units if u not in done]
+    if done:
+        log(f"resuming: {len(done)} of {len(units)} units already done")
+    config_dict = asdict(config)
+    if workers <= 1:
+        for unit in pending:
+            done[unit] = compute(config_dict, unit)
+        return {u: done[u] for u in units}
+    # spawn: fork would copy torch's thread pools and the parent's state into the workers.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running: dict[Future, Unit] = {}
+        while pending or running:
+            ready = [u for u in pending if all(d in done for d in units[u])]
+            for unit in ready[: workers - len(running)]:
+                pending.remove(unit)
+                log(f"unit {'/'.join(map(str, unit))}: started")
+                running[pool.submit(compute, config_dict, unit)] = unit
+            if not running:
+                raise RuntimeError(f"Units {pending} wait on units that are not in the suite.")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                unit = running.pop(future)
+                done[unit] = future.result()  # a failed unit stops the suite; finished units stay cached
+                log(f"unit {'/'.join(map(str, unit))}: done in {done[unit]['wall_s'] / 60:.1f} min")
+    return {u: done[u] for u in units}
