@@ -86,7 +86,9 @@ def test_readme_python_block_runs_verbatim_on_the_demo_models(demo, tmp_path):
     """The README's usage block, exactly as written, from a folder whose outputs/demo is the demo's output."""
     out, _ = demo
     text = (ROOT / "README.md").read_text()
-    block = text.split("## Usage", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    usage = text.split("## Usage", 1)[1].split("### Command line", 1)[0]
+    # Every python block of the section, in order, as one program (the pipeline block uses the first's image).
+    block = "\n".join(part.split("```", 1)[0] for part in usage.split("```python\n")[1:])
     (tmp_path / "outputs").mkdir()
     (tmp_path / "outputs" / "demo").symlink_to(out, target_is_directory=True)
     proc = subprocess.run(
@@ -95,6 +97,7 @@ def test_readme_python_block_runs_verbatim_on_the_demo_models(demo, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ExplanationVector(" in proc.stdout
     assert (tmp_path / "explanation.png").stat().st_size > 1000
+    assert (tmp_path / "pipeline-explanation.png").stat().st_size > 1000
     saved = {path.name for path in (tmp_path / "digits-explaining").iterdir()}
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= saved
 

@@ -37,6 +37,7 @@ from .modeling_self_explaining_vit import (
     SelfExplainingImageClassifierOutput,
     ViTForSelfExplainingClassification,
 )
+from .pipelines import IMAGE_EXPLANATION_TASK, ImageExplanationPipeline, register_pipelines
 from .training import TrainingConfig, pretrain_base, train
 from .vectors import (
     ExplanationVector,
@@ -47,6 +48,7 @@ from .vectors import (
 from .visualize import explanation_to_heatmap, label_image, overlay_heatmap
 
 _moved_modules.install()
+register_pipelines()  # pipeline("image-explanation", model=...) works once selfexplain is imported
 
 __version__ = "0.2.0"
 
@@ -54,6 +56,8 @@ __all__ = [
     "ExplanationVector",
     "ExplanationVectorConfig",
     "ExplanationVectorError",
+    "IMAGE_EXPLANATION_TASK",
+    "ImageExplanationPipeline",
     "IncompatibleExplanationVectorError",
     "InvalidExplanationVectorError",
     "NotAModelError",
