@@ -28,10 +28,17 @@ class IncompatibleExplanationVectorError(ExplanationVectorError):
     """The vector and the model differ in architecture, keys or shapes; nothing was changed."""
 
 
+class MissingClassifierError(ExplanationVectorError):
+    """The model has no image-classification head: a backbone (`ViTModel`, such as the in21k or DINO bases) or
+    another task's model (`ViTForMaskedImageModeling`). A vector patches a classifier and keeps its head and
+    labels, so a classifier must be fine-tuned first; nothing was changed."""
+
+
 __all__ = [
     "ExplanationVectorError",
     "IncompatibleExplanationVectorError",
     "InvalidExplanationVectorError",
+    "MissingClassifierError",
     "NotAModelError",
     "NotAnExplanationVectorError",
 ]

@@ -3,14 +3,18 @@
 
 This file only imports `torch` and `transformers` on purpose: `save_pretrained` copies it next to the
 weights so that a pushed model also loads with
-`AutoModelForImageClassification.from_pretrained(repo, trust_remote_code=True)`.
+`AutoModelForImageClassification.from_pretrained(repo, trust_remote_code=True)`. As remote code it runs on
+whatever transformers the user has, so what older releases (tested back to 4.36) lack is used behind a guard.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import wraps
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +23,36 @@ from transformers import ViTConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.vit.modeling_vit import ViTModel, ViTPreTrainedModel
 from transformers.utils import ModelOutput
-from transformers.utils.generic import can_return_tuple
+
+try:  # recent transformers (it is missing from 4.46, for example)
+    from transformers.utils.generic import can_return_tuple
+except ImportError:  # older releases: the same contract, written out (remote code must run there too)
+
+    def can_return_tuple(func):
+        """Return `output.to_tuple()` when `return_dict=False` is passed or set in the config."""
+
+        @wraps(func)
+        def wrapper(self, *args, **kwargs):
+            return_dict = kwargs.pop("return_dict", None)
+            if return_dict is None:
+                return_dict = getattr(self.config, "use_return_dict", True)
+            output = func(self, *args, **kwargs)
+            return output if return_dict or isinstance(output, tuple) else output.to_tuple()
+
+        return wrapper
+
+
+try:  # transformers >= 4.46 picks a model's loss from `loss_type`; image classification joined that map later
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    _HAS_IMAGE_CLASSIFICATION_LOSS = "ForImageClassification" in LOSS_MAPPING
+except ImportError:
+    _HAS_IMAGE_CLASSIFICATION_LOSS = False
+
+# `ViTModel.forward` changed over the releases this file runs on: older ones take no `attention_mask` (4.55
+# refuses it) and take `return_dict` themselves (returning a tuple when the config says `return_dict=False`).
+# Its signature (read through the decorators' `__wrapped__`) says which kind this one is.
+_VIT_FORWARD_PARAMETERS = frozenset(inspect.signature(ViTModel.forward).parameters)
 
 #: Settings the self-explaining model reads from a stock `ViTConfig`, with the value used when a
 #: config (for example the config of a plain `ViTForImageClassification`) does not carry them.
@@ -104,21 +137,39 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
     def from_pretrained(
         cls, pretrained_model_name_or_path, *model_args, use_safetensors: bool | None = True, **kwargs
     ) -> ViTForSelfExplainingClassification:
-        """`PreTrainedModel.from_pretrained`, except that only safetensors weights are read by default.
+        """`PreTrainedModel.from_pretrained`, except that only safetensors weights are read by default, and that a
+        checkpoint without a usable classifier is *warned* about.
 
         Loading a pickled checkpoint (`pytorch_model.bin`) unpickles a file from whoever published the repo;
         `use_safetensors=True` (the default here; transformers' is `None`) refuses such repos with a clear
         error instead. Pass `use_safetensors=None` to fall back to a pickled checkpoint you trust.
 
+        The classifier scores the CLS token *and* the patches, so a model whose `classifier.*` weights did not
+        come from the checkpoint predicts and explains noise. When they are missing (a backbone such as
+        `ViTModel`, or a `ViTForMaskedImageModeling`) or were re-initialised for a size mismatch
+        (`ignore_mismatched_sizes=True`), a `UserWarning` says so. It is a warning, not an error, because a
+        backbone with a new head is how fine-tuning starts: asking for a new label set (`num_labels`,
+        `id2label` or `label2id`) says the new head is intended and keeps the load quiet, as does
+        `output_loading_info=True` (the caller reads what did not load). `apply_explanation_vector` refuses
+        such checkpoints outright.
+
         Example:
             ```python
             >>> model = ViTForSelfExplainingClassification.from_pretrained("google/vit-base-patch16-224")
             >>> out = model(pixel_values)  # logits as ViTForImageClassification, plus out.explanation
+            >>> to_finetune = ViTForSelfExplainingClassification.from_pretrained(
+            ...     "google/vit-base-patch16-224-in21k", num_labels=10)  # a new head, on purpose: no warning
             ```
         """
+        wants_loading_info = bool(kwargs.pop("output_loading_info", False))
+        new_head_asked = any(key in kwargs for key in ("num_labels", "id2label", "label2id"))
         try:
-            return super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, use_safetensors=use_safetensors, **kwargs
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                use_safetensors=use_safetensors,
+                output_loading_info=True,
+                **kwargs,
             )
         except OSError as err:
             folder = str(pretrained_model_name_or_path)
@@ -137,6 +188,11 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
                     "can run code when it is loaded. If you trust this one, pass `use_safetensors=None`."
                 ) from err
             raise
+        if wants_loading_info:
+            return model, loading_info
+        if not new_head_asked:
+            _warn_if_classifier_not_loaded(pretrained_model_name_or_path, loading_info)
+        return model
 
     def save_pretrained(self, save_directory, *args, repo_id: str | None = None, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`; with selfexplain installed, a model made by
@@ -174,11 +230,12 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
         """
         if pixel_values is None:
             raise ValueError("You have to specify `pixel_values`.")
+        if attention_mask is not None or "attention_mask" in _VIT_FORWARD_PARAMETERS:
+            kwargs["attention_mask"] = attention_mask
+        if "return_dict" in _VIT_FORWARD_PARAMETERS:  # older transformers: the output object, never a tuple
+            kwargs["return_dict"] = True
         outputs: BaseModelOutputWithPooling = self.vit(
-            pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            attention_mask=attention_mask,
-            **kwargs,
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
         )
         sequence_output = outputs.last_hidden_state
         logits = self.classifier(sequence_output[:, 0, :])
@@ -193,7 +250,10 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
 
         classification_loss = None
         if labels is not None:
-            classification_loss = self.loss_function(labels, logits, self.config)
+            if _HAS_IMAGE_CLASSIFICATION_LOSS:
+                classification_loss = self.loss_function(labels, logits, self.config)
+            else:  # older transformers would pick its default (causal LM) loss
+                classification_loss = _image_classification_loss(labels, logits, self.config)
 
         explanation_loss = None
         if explanation_targets is not None:
@@ -321,6 +381,63 @@ def pool_to_player_grid(scores: torch.Tensor, player_grid: tuple[int, int]) -> t
         scores.reshape(-1, 1, *grid), (grid[0] // player_grid[0], grid[1] // player_grid[1])
     )
     return pooled.reshape(*lead, *player_grid)
+
+
+def _image_classification_loss(labels: torch.Tensor, logits: torch.Tensor, config: ViTConfig) -> torch.Tensor:
+    """`ViTForImageClassification`'s loss, for transformers releases whose loss map lacks it."""
+    num_labels = config.num_labels
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    labels = labels.to(logits.device)
+    if config.problem_type == "regression":
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze())
+        return F.mse_loss(logits, labels)
+    if config.problem_type == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
+    if config.problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    raise RuntimeError(f"Invalid problem type: {config.problem_type}")
+
+
+def _warn_if_classifier_not_loaded(source, loading_info: dict) -> None:
+    """Say, in terms of this model, that its head is random (transformers only logs a table of keys)."""
+    missing = sorted(
+        _key_name(key)
+        for key in loading_info.get("missing_keys", ())
+        if _key_name(key).startswith("classifier.")
+    )
+    mismatched = sorted(
+        _key_name(key)
+        for key in loading_info.get("mismatched_keys", ())
+        if _key_name(key).startswith("classifier.")
+    )
+    if not missing and not mismatched:
+        return
+    what = (
+        f"has no image-classification head ({', '.join(missing)} missing: it is a backbone or another "
+        "task's model)"
+        if missing
+        else f"has a classifier of another size ({', '.join(mismatched)} re-initialised)"
+    )
+    warnings.warn(
+        f"{source} {what}: the classifier of this ViTForSelfExplainingClassification is randomly initialised, "
+        "so its predictions and explanations are noise until it is fine-tuned. To fine-tune a new head on "
+        "purpose, pass your labels (`num_labels=` or `id2label=`) and this warning goes away; to explain a "
+        "model's predictions, load a fine-tuned classifier instead.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _key_name(key) -> str:
+    """A key of transformers' loading info: a name, or a `(name, shape, shape)` tuple for size mismatches."""
+    return key[0] if isinstance(key, (tuple, list)) else str(key)
 
 
 def _give_weights_the_umask_mode(save_directory) -> None:
