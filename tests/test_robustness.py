@@ -47,11 +47,12 @@ from selfexplain import (
     apply_explanation_vector,
 )
 from selfexplain.vectors.checks import MAX_CONFIG_BYTES, MAX_HEADER_BYTES, MAX_JSON_DEPTH, MAX_NUM_LABELS
-from selfexplain.vectors.config import VECTOR_CONFIG_NAME, VECTOR_WEIGHTS_NAME
+from selfexplain.vectors.compression import VectorCompression, encode_tensors
+from selfexplain.vectors.config import FORMAT_VERSION, VECTOR_CONFIG_NAME, VECTOR_WEIGHTS_NAME
 from tests._tiny import tiny_classifier, tiny_config, tiny_self_explaining
 
 FUZZ_SEED = 20240707
-FUZZ_CASES = 264
+FUZZ_CASES = 342  # 6 draws of each of the 57 generators
 CASE_TIME_LIMIT_S = 10.0
 
 CONFIG, WEIGHTS, CARD = VECTOR_CONFIG_NAME, VECTOR_WEIGHTS_NAME, "README.md"
@@ -63,6 +64,7 @@ _ST_DTYPES = {
     torch.bfloat16: "BF16",
     torch.int64: "I64",
     torch.int32: "I32",
+    torch.int16: "I16",
     torch.int8: "I8",
     torch.uint8: "U8",
     torch.bool: "BOOL",
@@ -480,7 +482,7 @@ def gen_bad_tensor_spec(rng, base):
 
 
 def gen_future_or_invalid_version(rng, base):
-    version = rng.choice([2, 3, 99, 10**6, 10**30, 0, -1])
+    version = rng.choice([FORMAT_VERSION + 1, FORMAT_VERSION + 2, 99, 10**6, 10**30, 0, -1])
     mention = "newer" if version > 1 else "format_version"
     config = base.config_with(lambda c: c.update(format_version=version))
     return Case("unknown format_version", {CONFIG: config}, InvalidExplanationVectorError, mention)
@@ -665,6 +667,182 @@ def gen_half_storage(rng, base):
     return Case("half-precision storage (tolerable)", {CONFIG: config, WEIGHTS: data})
 
 
+# Compact storage (format 2): sparse and low-rank files whose config or data lie. Each starts from a valid
+# compressed vector that the library itself wrote, then breaks one thing.
+_SPARSE_LOW_RANK = "low_rank:4+top_k:0.25"
+
+
+def _compressed(base: Base, setting: str = _SPARSE_LOW_RANK) -> tuple[dict, dict[str, torch.Tensor]]:
+    compression = VectorCompression.parse(setting)
+    stored, specs = encode_tensors(base.tensors, compression, torch.float32)
+    config = copy.deepcopy(base.config)
+    config.update(tensors=specs, format_version=2, compression=compression.to_dict())
+    return config, stored
+
+
+def _encoded_key(config: dict, rng: random.Random, encoding: str) -> str:
+    return rng.choice(sorted(k for k, s in config["tensors"].items() if s.get("encoding") == encoding))
+
+
+def _files(config: dict, stored: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    return {CONFIG: json.dumps(config).encode(), WEIGHTS: safetensors_bytes(stored)}
+
+
+def gen_compressed_tolerable(rng, base):
+    setting = rng.choice(["top_k:0.1", "dare:0.9@1", "low_rank:2", _SPARSE_LOW_RANK, "top_k:1.0"])
+    config, stored = _compressed(base, setting)
+    return Case("compressed vector (tolerable)", _files(config, stored))
+
+
+def gen_sparse_index_out_of_range(rng, base):
+    config, stored = _compressed(base)
+    key = _encoded_key(config, rng, "sparse")
+    indices = stored[key + "::indices"]
+    numel = math.prod(config["tensors"][key]["shape"])
+    bad = rng.choice([numel, numel + 7, -1, torch.iinfo(indices.dtype).max, torch.iinfo(indices.dtype).min])
+    indices[rng.choice([0, -1])] = bad
+    return Case("sparse index out of range", _files(config, stored), InvalidExplanationVectorError, key)
+
+
+def gen_sparse_indices_not_increasing(rng, base):
+    config, stored = _compressed(base)
+    key = rng.choice(
+        [k for k, s in config["tensors"].items() if s.get("encoding") == "sparse" and s["nnz"] > 1]
+    )
+    indices = stored[key + "::indices"]
+    if rng.random() < 0.5:
+        indices[1] = indices[0]  # an entry stored twice
+    else:
+        stored[key + "::indices"] = indices.flip(0).contiguous()
+    return Case(
+        "sparse indices repeat or decrease",
+        _files(config, stored),
+        InvalidExplanationVectorError,
+        "increasing",
+    )
+
+
+def gen_sparse_nnz_lies(rng, base):
+    config, stored = _compressed(base)
+    key = _encoded_key(config, rng, "sparse")
+    numel = math.prod(config["tensors"][key]["shape"])
+    nnz = rng.choice([config["tensors"][key]["nnz"] + 1, numel + 1, 10**12, -1, 2.5, None, "3"])
+    config["tensors"][key]["nnz"] = nnz
+    mention = "nnz" if not isinstance(nnz, int) or nnz < 0 or nnz > numel else key
+    return Case("sparse nnz lies", _files(config, stored), InvalidExplanationVectorError, mention)
+
+
+def gen_sparse_index_dtype(rng, base):
+    config, stored = _compressed(base)
+    key = _encoded_key(config, rng, "sparse")
+    if rng.random() < 0.5:  # the file stores indices as another type than the config says
+        dtype = rng.choice([torch.float32, torch.int8, torch.uint8, torch.float64, torch.int64])
+        if dtype is torch.int64 and config["tensors"][key]["index_dtype"] == "int64":
+            dtype = torch.int32
+        stored[key + "::indices"] = stored[key + "::indices"].to(dtype)
+        mention = key
+    else:  # the config names an index type that is not allowed
+        config["tensors"][key]["index_dtype"] = rng.choice(["float32", "uint8", None, 16])
+        mention = "index_dtype"
+    return Case("sparse index dtype", _files(config, stored), InvalidExplanationVectorError, mention)
+
+
+def gen_low_rank_rank_out_of_bounds(rng, base):
+    config, stored = _compressed(base)
+    key = _encoded_key(config, rng, "low_rank")
+    shape = config["tensors"][key]["shape"]
+    rank = rng.choice([min(shape) + 1, 10**9, 0, -2, 1.5, None])
+    config["tensors"][key]["rank"] = rank
+    if isinstance(rank, int) and rank > 0 and rank < 10**6:  # the file agrees: factors of that rank
+        stored[key + "::low_rank_a"] = torch.zeros(shape[0], rank)
+        stored[key + "::low_rank_b"] = torch.zeros(rank, shape[1])
+    return Case("low-rank rank out of bounds", _files(config, stored), InvalidExplanationVectorError, "rank")
+
+
+def gen_low_rank_factor_shapes(rng, base):
+    config, stored = _compressed(base)
+    key = _encoded_key(config, rng, "low_rank")
+    part = rng.choice(["::low_rank_a", "::low_rank_b"])
+    shape = list(stored[key + part].shape)
+    stored[key + part] = torch.zeros(
+        rng.choice([shape[::-1], [shape[0] + 1, shape[1]], [shape[0] * shape[1]]])
+    )
+    return Case(
+        "low-rank factor of the wrong shape", _files(config, stored), InvalidExplanationVectorError, key
+    )
+
+
+def gen_low_rank_not_a_matrix(rng, base):
+    config, stored = _compressed(base)
+    key = _encoded_key(config, rng, "sparse")  # a bias or LayerNorm: 1-D
+    config["tensors"][key].update(encoding="low_rank", rank=1)
+    return Case("low-rank 1-D tensor", _files(config, stored), InvalidExplanationVectorError, "only matrices")
+
+
+def gen_encoded_parts_missing_or_extra(rng, base):
+    config, stored = _compressed(base)
+    key = _encoded_key(config, rng, rng.choice(["sparse", "low_rank"]))
+    choice = rng.randrange(3)
+    if choice == 0:  # a part is missing
+        stored.pop(rng.choice([name for name in stored if name.startswith(key + "::")]))
+    elif choice == 1:  # the dense tensor instead of its parts
+        for name in [name for name in stored if name.startswith(key + "::")]:
+            stored.pop(name)
+        stored[key] = base.tensors[key].clone()
+    else:  # an extra part
+        stored[key + "::extra"] = torch.zeros(3)
+    return Case("encoded parts missing or extra", _files(config, stored), InvalidExplanationVectorError, key)
+
+
+def gen_unknown_encoding(rng, base):
+    config, stored = _compressed(base)
+    key = _encoded_key(config, rng, "sparse")
+    config["tensors"][key]["encoding"] = rng.choice(["zstd", "", None, 3, ["sparse"]])
+    return Case("unknown encoding", _files(config, stored), InvalidExplanationVectorError, "encoding")
+
+
+def gen_compression_in_format_1(rng, base):
+    config, stored = _compressed(base)
+    config["format_version"] = 1
+    if rng.random() < 0.5:
+        config.pop("compression")  # the per-tensor encodings alone need format 2 too
+    return Case(
+        "compression in a format-1 file",
+        _files(config, stored),
+        InvalidExplanationVectorError,
+        "format_version 2",
+    )
+
+
+def gen_bad_compression_record(rng, base):
+    config, stored = _compressed(base)
+    config["compression"] = rng.choice(
+        [
+            "top_k",
+            [0.1],
+            {"sparsity": "gzip", "density": 0.1, "rank": None, "seed": 0},
+            {"sparsity": "top_k", "density": 7, "rank": None, "seed": 0},
+            {"sparsity": None, "density": None, "rank": -3, "seed": 0},
+            {"sparsity": "top_k", "density": 0.1, "rank": None, "seed": 0, "exec": "rm -rf"},
+        ]
+    )
+    return Case(
+        "bad compression record", _files(config, stored), InvalidExplanationVectorError, "compression"
+    )
+
+
+def gen_non_finite_compressed(rng, base):
+    config, stored = _compressed(base)
+    name = rng.choice(sorted(n for n in stored if n.endswith(("::values", "::low_rank_a", "::low_rank_b"))))
+    stored[name].view(-1)[rng.randrange(stored[name].numel())] = rng.choice([math.nan, math.inf, -math.inf])
+    return Case(
+        "NaN/Inf in compressed parts",
+        _files(config, stored),
+        InvalidExplanationVectorError,
+        name.split("::")[0],
+    )
+
+
 GENERATORS = [
     gen_missing_file,
     gen_file_is_a_directory,
@@ -710,6 +888,19 @@ GENERATORS = [
     gen_extra_pickle,
     gen_string_metadata,
     gen_half_storage,
+    gen_compressed_tolerable,
+    gen_sparse_index_out_of_range,
+    gen_sparse_indices_not_increasing,
+    gen_sparse_nnz_lies,
+    gen_sparse_index_dtype,
+    gen_low_rank_rank_out_of_bounds,
+    gen_low_rank_factor_shapes,
+    gen_low_rank_not_a_matrix,
+    gen_encoded_parts_missing_or_extra,
+    gen_unknown_encoding,
+    gen_compression_in_format_1,
+    gen_bad_compression_record,
+    gen_non_finite_compressed,
 ]
 
 
@@ -1127,7 +1318,7 @@ def test_bad_vector_repos_are_refused_before_their_weights_are_downloaded(hub, t
 
     future = write_case(
         tmp_path / "future",
-        Case("future", {CONFIG: base.config_with(lambda c: c.update(format_version=2))}),
+        Case("future", {CONFIG: base.config_with(lambda c: c.update(format_version=FORMAT_VERSION + 1))}),
         base,
     )
     hub.create_repo_from_folder("robust/future", future)

@@ -43,11 +43,12 @@ def render_vector_card(config: ExplanationVectorConfig, repo_id: str | None = No
         base_model=config.base_model,
         pipeline_tag="image-classification",
         tags=list(TAGS) + ["explanation-vector", "task-arithmetic"],
-        datasets=[source_dataset] if isinstance(source_dataset, str) and "/" in source_dataset else None,
+        datasets=_card_datasets(source_dataset, provenance.get("merge")),
         license=provenance.get("license", "apache-2.0"),
         base_model_relation="adapter" if config.base_model else None,
     )
     num_parameters = sum(_numel(spec["shape"]) for spec in config.tensors.values())
+    merge = provenance.get("merge")
     return ModelCard.from_template(
         card_data,
         template_str=_template("explanation_vector.md"),
@@ -64,8 +65,11 @@ def render_vector_card(config: ExplanationVectorConfig, repo_id: str | None = No
         num_parameters=f"{num_parameters:,}",
         key_patterns=provenance.get("include", "vit.*"),
         storage_dtype=config.storage_dtype,
+        compression=_compression_line(config),
         recommended_alpha=config.recommended_alpha,
         metrics_table=_metrics_table(provenance.get("metrics")),
+        merge_summary=_merge_summary(merge),
+        merge_table=_merge_table(merge),
     )
 
 
@@ -129,9 +133,25 @@ def write_applied_model_files(
         repo_id or os.path.basename(os.path.abspath(save_directory)),
         base_model=applied.get("vector_base_model"),
         applied_vector=applied.get("vector") or "an explanation vector in memory",
-        alpha=applied.get("alpha"),
+        alpha=_alpha_text(applied.get("alpha"), applied.get("alpha_fit")),
     )
     card.save(os.path.join(save_directory, "README.md"))
+
+
+def _alpha_text(alpha: Any, fit: dict[str, Any] | None) -> str:
+    """α as a card says it: a number, or one per transformer block; and how it was chosen, when fitted."""
+    if isinstance(alpha, dict):
+        blocks = ", ".join(f"{value:g}" for value in alpha.get("blocks", []))
+        text = f"{alpha.get('other', 0.0):g} outside the blocks and [{blocks}] for transformer blocks 0, 1, …"
+    else:
+        text = f"{alpha:g}" if isinstance(alpha, (int, float)) else str(alpha)
+    if fit:
+        text += (
+            f" (fitted by `fit_alpha` on {fit.get('num_images')} unlabelled images, {fit.get('forward_passes'):,} "
+            f"forward passes: insertion − deletion of the model's own map {fit.get('unpatched_objective', 0):.4f} at "
+            f"α = 0 → {fit.get('objective', 0):.4f}, top-1 predictions kept {fit.get('top1_agreement', 0):.3f})"
+        )
+    return text
 
 
 #: The name `ViTForSelfExplainingClassification.save_pretrained` calls (kept: saved models' remote code uses it).
@@ -141,6 +161,71 @@ write_applied_model_card = write_applied_model_files
 def _is_hub_id(name: str | None) -> bool:
     """Whether `name` can be a Hub repo id (a local folder, e.g. an offline base, is not card metadata)."""
     return bool(name) and not os.path.exists(name) and could_be_repo_id(name)
+
+
+def _card_datasets(source_dataset: Any, merge: Any) -> list[str] | None:
+    """Hub dataset ids for the card metadata: the source data, or every merged input's (ids only, not names)."""
+    names = [source_dataset]
+    if isinstance(merge, dict) and isinstance(merge.get("inputs"), list):
+        names += [i.get("source_dataset") for i in merge["inputs"] if isinstance(i, dict)]
+    found = [n for n in names if isinstance(n, str) and "/" in n and could_be_repo_id(n)]
+    return list(dict.fromkeys(found)) or None
+
+
+def _cell(value: Any, limit: int = 80) -> str:
+    """A table cell from a value of a config read from strangers: plain text, one line, bounded, no pipes."""
+    if value is None:
+        return "—"
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _compression_line(config: ExplanationVectorConfig) -> str | None:
+    """How the file's tensors are encoded (the config's `compression` record), for the card; None when dense."""
+    record = config.compression
+    if not isinstance(record, dict):
+        return None
+    parts = []
+    if record.get("rank") is not None:
+        parts.append(f"low-rank, rank {_cell(record['rank'], 12)} per matrix (truncated SVD)")
+    density = record.get("density")
+    if record.get("sparsity") == "top_k":
+        parts.append(f"top-k magnitude, {_cell(density, 12)} of the entries kept")
+    elif record.get("sparsity") == "dare" and isinstance(density, (int, float)):
+        parts.append(
+            f"DARE drop-and-rescale, drop rate {_cell(1 - density, 12)}, seed {_cell(record.get('seed'), 24)}"
+        )
+    return " + ".join(parts) or None
+
+
+def _merge_summary(merge: Any) -> str | None:
+    if not isinstance(merge, dict):
+        return None
+    parts = [f"method `{_cell(merge.get('method'), 40)}`"]
+    for name in ("density", "seed", "majority_sign"):
+        if merge.get(name) is not None:
+            parts.append(f"{name.replace('_', ' ')} {_cell(merge.get(name), 40)}")
+    return ", ".join(parts)
+
+
+def _merge_table(merge: Any) -> str:
+    """One row per merged input: name, source, weight, base, recommended α, source data, SHA-256 prefix."""
+    if not isinstance(merge, dict) or not isinstance(merge.get("inputs"), list):
+        return ""
+    weights = merge.get("weights") if isinstance(merge.get("weights"), list) else []
+    rows = [
+        "| input | source | weight | base model | recommended α | source data | SHA-256 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for index, item in enumerate(merge["inputs"][:100]):
+        item = item if isinstance(item, dict) else {}
+        weight = weights[index] if index < len(weights) else None
+        sha = item.get("sha256")
+        cells = [item.get("name"), item.get("source"), weight, item.get("base_model"),
+                 item.get("recommended_alpha"), item.get("source_dataset"), sha[:12] if isinstance(sha, str) else None]  # fmt: skip
+        rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(rows)
 
 
 def _numel(shape: list[int]) -> int:

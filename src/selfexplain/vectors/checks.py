@@ -45,6 +45,10 @@ ARCHITECTURE_LIMITS: dict[str, int] = {
 
 
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+#: Integer types the indices of a sparse tensor may be stored as (format 2), and their safetensors names.
+_INDEX_DTYPES = {"int16": "I16", "int32": "I32", "int64": "I64"}
+#: How a tensor may be encoded in a vector file; anything but "dense" needs format version 2.
+ENCODINGS = ("dense", "sparse", "low_rank")
 _MAX_TENSOR_DIMS = 8
 # At most 6 digits, so `int()` of the index never meets Python's limit on long integer strings.
 _LAYER_KEY = re.compile(r"vit\.encoder\.layer\.(0|[1-9][0-9]{0,5})\.(.+)")
@@ -118,6 +122,49 @@ def _check_architecture(architecture: Mapping[str, Any], source: str) -> None:
         raise InvalidExplanationVectorError(
             f"{source}: `architecture.hidden_act` must be one of {sorted(ACT2FN)}, "
             f"got {architecture['hidden_act']!r:.80}."
+        )
+
+
+def _check_tensor_encoding(key: str, spec: Mapping[str, Any], format_version: int, source: str) -> None:
+    """A declared tensor's encoding (format 2) is known and its sizes are bounded by its dense shape.
+
+    Run on the config, before the safetensors header is read: ``nnz`` ≤ the tensor's entries and
+    ``1 ≤ rank ≤ min(m, n)`` of a matrix, so a compressed file never holds more than about twice the values of the
+    dense tensor (which `_check_declared_tensors` bounds by the architecture) and a lying config costs nothing.
+    """
+    encoding = spec.get("encoding", "dense")
+    if encoding == "dense":
+        return
+    if encoding not in ENCODINGS:
+        raise InvalidExplanationVectorError(
+            f"{source}: tensor {key!r} has `encoding` {encoding!r:.40}; expected one of {list(ENCODINGS)}."
+        )
+    if format_version < 2:
+        raise InvalidExplanationVectorError(
+            f"{source}: tensor {key!r} is {encoding!r}, which needs format_version 2 (the config says {format_version})."
+        )
+    shape = spec["shape"]
+    if encoding == "sparse":
+        nnz, numel = spec.get("nnz"), math.prod(shape)
+        if not _is_int(nnz) or not 0 <= nnz <= numel:
+            raise InvalidExplanationVectorError(
+                f"{source}: sparse tensor {key!r} needs `nnz`, an int in [0, {numel}] (its entries), got {nnz!r:.40}."
+            )
+        if spec.get("index_dtype") not in _INDEX_DTYPES:
+            raise InvalidExplanationVectorError(
+                f"{source}: sparse tensor {key!r} needs `index_dtype` in {sorted(_INDEX_DTYPES)}, "
+                f"got {spec.get('index_dtype')!r:.40}."
+            )
+        return
+    rank = spec.get("rank")
+    if len(shape) != 2:
+        raise InvalidExplanationVectorError(
+            f"{source}: tensor {key!r} of shape {list(shape)} is declared low-rank; only matrices can be."
+        )
+    if not _is_int(rank) or not 1 <= rank <= min(shape):
+        raise InvalidExplanationVectorError(
+            f"{source}: low-rank tensor {key!r} of shape {list(shape)} needs `rank`, an int in "
+            f"[1, {min(shape)}], got {rank!r:.40}."
         )
 
 

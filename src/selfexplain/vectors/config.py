@@ -12,11 +12,16 @@ from typing import Any
 import torch
 
 from ..errors import InvalidExplanationVectorError
-from .checks import _MAX_TENSOR_DIMS, _check_architecture, _is_int
+from .checks import _MAX_TENSOR_DIMS, _check_architecture, _check_tensor_encoding, _is_int
+from .compression import VectorCompression
 
 VECTOR_WEIGHTS_NAME = "explanation_vector.safetensors"
 VECTOR_CONFIG_NAME = "explanation_vector_config.json"
-FORMAT_VERSION = 1
+#: The newest format this library reads. 1: dense tensors. 2: tensors may be sparse or low-rank (`compression`).
+#: A dense vector is still written as format 1, so that older selfexplain versions keep reading it.
+FORMAT_VERSION = 2
+#: The format of a vector whose tensors are all dense.
+DENSE_FORMAT_VERSION = 1
 #: Config attribute in which selfexplain records the base a model was fine-tuned from.
 BASE_MODEL_ATTRIBUTE = "selfexplain_base_model"
 
@@ -42,11 +47,16 @@ class ExplanationVectorConfig:
     recommended_alpha: float = 1.0
     storage_dtype: str = "float32"
     provenance: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    format_version: int = DENSE_FORMAT_VERSION
     library_name: str = "selfexplain"
+    #: How the file's tensors were compressed (`VectorCompression.to_dict()`), or None for a dense file.
+    compression: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["compression"] is None:  # a dense vector's config stays exactly what format 1 wrote
+            del data["compression"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> ExplanationVectorConfig:
@@ -76,6 +86,7 @@ class ExplanationVectorConfig:
             "recommended_alpha": (int, float),
             "storage_dtype": (str,),
             "provenance": (dict,),
+            "compression": (dict, type(None)),
         }
         kwargs: dict[str, Any] = {"format_version": version}
         for name, types in expected.items():
@@ -100,6 +111,13 @@ class ExplanationVectorConfig:
             raise InvalidExplanationVectorError(
                 f"{source}: `storage_dtype` must be one of {sorted(STORAGE_DTYPES)}, got {kwargs['storage_dtype']!r}."
             )
+        if kwargs.get("compression") is not None:
+            if version < 2:
+                raise InvalidExplanationVectorError(
+                    f"{source}: `compression` needs format_version 2 (the config says {version})."
+                )
+            from_record = VectorCompression.from_dict(kwargs["compression"], source)
+            kwargs["compression"] = from_record.to_dict()
         _check_architecture(kwargs["architecture"], source)
         storage_dtype = kwargs.get("storage_dtype", "float32")
         for key, spec in kwargs["tensors"].items():
@@ -118,4 +136,5 @@ class ExplanationVectorConfig:
                 raise InvalidExplanationVectorError(
                     f"{source}: tensor {key!r} has `dtype` {dtype!r:.40}; expected one of {sorted(STORAGE_DTYPES)}."
                 )
+            _check_tensor_encoding(key, spec, version, source)
         return cls(**kwargs)

@@ -25,7 +25,6 @@ from safetensors import safe_open
 from ..errors import InvalidExplanationVectorError, NotAnExplanationVectorError
 from ..hub import could_be_repo_id
 from .checks import (
-    _SAFETENSORS_DTYPES,
     MAX_CONFIG_BYTES,
     MAX_JSON_DEPTH,
     _check_declared_tensors,
@@ -33,6 +32,7 @@ from .checks import (
     _json_depth,
     all_finite,
 )
+from .compression import PART_SEPARATOR, decode_tensor, stored_layout
 from .config import VECTOR_CONFIG_NAME, VECTOR_WEIGHTS_NAME, ExplanationVectorConfig
 
 # ---------------------------------------------------------------------------------------------- atomic writes
@@ -367,26 +367,33 @@ def resolve_vector_weights(
         handle = safe_open(path, framework="pt")
     except Exception as err:  # safetensors raises its own error types for corrupt headers
         raise InvalidExplanationVectorError(f"{where} is not a readable safetensors file: {err}.") from err
+    # What the file must hold, from the (checked) config: a dense tensor under its key, a sparse or low-rank one
+    # as its parts (format 2, see `compression`).
+    layout = stored_layout(config.tensors, config.storage_dtype)
     with handle as f:
         keys = set(f.keys())
-        declared = set(config.tensors)
+        declared = set(layout)
         if keys != declared:
             raise InvalidExplanationVectorError(
                 f"{where} does not hold the tensors its config declares: "
                 f"missing {sorted(declared - keys)[:5]}, unexpected {sorted(keys - declared)[:5]}."
             )
         for key in sorted(keys):
-            spec = config.tensors[key]
+            shape, expected_dtype = layout[key]
             view = f.get_slice(key)
-            if list(view.get_shape()) != spec["shape"]:
+            if list(view.get_shape()) != shape:
                 raise InvalidExplanationVectorError(
-                    f"{where}: tensor {key!r} has shape {view.get_shape()}, the config declares {spec['shape']}."
+                    f"{where}: tensor {key!r} has shape {view.get_shape()}, the config declares {shape}."
                 )
-            expected_dtype = _SAFETENSORS_DTYPES[spec.get("dtype", config.storage_dtype)]
             if view.get_dtype() != expected_dtype:
+                kind = "indices" if key.endswith(PART_SEPARATOR + "indices") else "values"
                 raise InvalidExplanationVectorError(
                     f"{where}: tensor {key!r} is {view.get_dtype()}, the config declares {expected_dtype} "
-                    "(explanation vectors hold float32, float16 or bfloat16)."
+                    + (
+                        "(sparse indices are int16, int32 or int64)."
+                        if kind == "indices"
+                        else "(explanation vectors hold float32, float16 or bfloat16)."
+                    )
                 )
     return path
 
@@ -404,7 +411,11 @@ def iter_vector_tensors(
     for key in sorted(config.tensors):
         try:
             with safe_open(path, framework="pt") as f:
-                tensor = f.get_tensor(key).to(torch.float32)
+                # A dense tensor is read as it is; a sparse or low-rank one is rebuilt from its parts, whose data
+                # (index ranges, finiteness) `decode_tensor` checks before the dense tensor is allocated.
+                tensor = decode_tensor(key, config.tensors[key], f.get_tensor, where)
+        except InvalidExplanationVectorError:
+            raise
         except Exception as err:
             raise InvalidExplanationVectorError(f"{where}: tensor {key!r} could not be read: {err}.") from err
         # The file may have been replaced since its header was checked.

@@ -11,7 +11,8 @@ import copy
 import fnmatch
 import json
 import os
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,27 @@ from ..hub import publish_folder
 from .apply import apply_explanation_vector
 from .checkpoint_keys import serialized_state_dict
 from .compatibility import architecture_fingerprint, check_compatible
+from .compression import VectorCompression, encode_tensors
 from .config import (
     DEFAULT_INCLUDE,
+    DENSE_FORMAT_VERSION,
+    FORMAT_VERSION,
     STORAGE_DTYPES,
     VECTOR_CONFIG_NAME,
     VECTOR_WEIGHTS_NAME,
     ExplanationVectorConfig,
 )
 from .io import iter_vector_tensors, load_vector_config, resolve_vector_weights, write_files_atomically
+from .merging import (
+    _USES_DENSITY,
+    _USES_SEED,
+    _USES_SIGN,
+    check_merge_arguments,
+    check_mergeable,
+    dare_generator,
+    input_record,
+    merge_tensors,
+)
 
 
 class ExplanationVector:
@@ -52,12 +66,17 @@ class ExplanationVector:
         >>> vec = ExplanationVector.from_pretrained("me/vit-b16-explanation-vector", revision="main")
         >>> explaining = apply_explanation_vector("their-org/vit-cats-vs-dogs", vec, alpha=1.0)
         >>> half = 0.5 * vec; merged = sum([vec_a, vec_b]) * 0.5   # task arithmetic, in float32
+        >>> ties = ExplanationVector.merge([vec_a, "me/other-vector"], method="ties", density=0.2)
+        >>> vec.save_pretrained("small", compression="top_k:0.05")       # sparse: 5 % of the entries
         ```
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], config: ExplanationVectorConfig):
         self.tensors: dict[str, torch.Tensor] = {k: v.detach().to(torch.float32) for k, v in tensors.items()}
         self.config = config
+        #: Where `from_pretrained` read the vector (folder or repo id, and revision); None for one made in memory.
+        self.source: str | None = None
+        self.source_revision: str | None = None
         self.config.tensors = {
             k: {"shape": list(v.shape), "dtype": config.storage_dtype}
             for k, v in sorted(self.tensors.items())
@@ -115,6 +134,129 @@ class ExplanationVector:
             provenance=dict(provenance or {}),
         )
         return cls(tensors, config)
+
+    @classmethod
+    def merge(
+        cls,
+        vectors: Sequence[ExplanationVector | str | os.PathLike],
+        method: str = "ties",
+        *,
+        weights: Sequence[float] | None = None,
+        density: float = 0.2,
+        seed: int = 0,
+        majority_sign: str = "total",
+        names: Sequence[str] | None = None,
+        recommended_alpha: float | None = None,
+        **load_kwargs: Any,
+    ) -> ExplanationVector:
+        """Merge several explanation vectors of the same base into one (docs/design.md §8).
+
+        Args:
+            vectors: `ExplanationVector`s, or folders / Hub ids of them (loaded with `from_pretrained`, with
+                ``load_kwargs`` such as ``revision`` or ``token``).
+            method: ``"task_arithmetic"`` (Σ wᵢ·τᵢ; Ilharco et al., arXiv:2212.04089), ``"magnitude_prune"``
+                (the same after keeping each τᵢ's top-k magnitudes), ``"ties"`` (trim to the top-k magnitudes,
+                elect each entry's sign, disjoint mean; Yadav et al., arXiv:2306.01708), ``"dare_linear"`` /
+                ``"dare_ties"`` (drop each entry with probability 1 − density, rescale by 1 / density, then sum /
+                TIES; Yu et al., arXiv:2311.03099). The semantics are those of PEFT's ``merge_utils``.
+            weights: one per vector. Default: 1/n each for the summing methods (their mean) and 1 each for the
+                TIES methods (whose disjoint mean already averages).
+            density: the fraction of entries kept per tensor by top-k (TIES, magnitude prune) or DARE.
+            seed: DARE's seed; the mask of input i for tensor k depends on (seed, i, k) only.
+            majority_sign: TIES sign election, ``"total"`` (sign of the summed values, the paper's) or
+                ``"frequency"`` (the sign most inputs have).
+            names: labels of the inputs for the provenance record (default: their folder / repo id).
+            recommended_alpha: α of the merged vector; default: the mean of the inputs' recommended α.
+
+        Returns:
+            The merged vector; its ``config.provenance["merge"]`` records the method, weights, density, seed and
+            each input (name, source, base, recommended α, source data, SHA-256 of its tensors), and its model
+            card shows them.
+
+        Raises:
+            IncompatibleExplanationVectorError: the vectors differ in architecture, keys, shapes or base.
+            ValueError: an unknown method, or weights / density / seed out of range.
+
+        Example:
+            ```python
+            >>> from selfexplain import ExplanationVector
+            >>> merged = ExplanationVector.merge(["me/mnist-vector", "me/shapes-vector"], method="ties", density=0.2)
+            >>> merged.config.provenance["merge"]["method"]
+            'ties'
+            >>> merged.save_pretrained("merged-vector")
+            ```
+        """
+        loaded: list[ExplanationVector] = []
+        for item in vectors:
+            if isinstance(item, ExplanationVector):
+                loaded.append(item)
+            elif isinstance(item, (str, os.PathLike)):
+                loaded.append(cls.from_pretrained(item, **load_kwargs))
+            else:
+                raise TypeError(
+                    f"merge takes ExplanationVectors, folders or Hub ids, got {type(item).__name__}."
+                )
+        weights = check_merge_arguments(method, len(loaded), weights, density, majority_sign, seed)
+        if names is not None and len(names) != len(loaded):
+            raise ValueError(f"names must hold {len(loaded)} labels (one per vector), got {len(names)}.")
+        labels = [
+            str(names[i])
+            if names is not None
+            else (v.source or v.config.provenance.get("repo_id") or f"vector {i}")
+            for i, v in enumerate(loaded)
+        ]
+        check_mergeable(
+            [v.config for v in loaded],
+            [{k: tuple(t.shape) for k, t in v.tensors.items()} for v in loaded],
+            labels,
+        )
+        bases = {v.config.base_model for v in loaded} - {None}
+        if len(bases) == 1 and any(v.config.base_model is None for v in loaded):
+            warnings.warn(
+                f"Some of the merged vectors record no base model; assuming all were made from {next(iter(bases))}.",
+                stacklevel=2,
+            )
+        keys = sorted(loaded[0].tensors)
+        merged = {}
+        for key in keys:
+            generators = (
+                [dare_generator(seed, i, key) for i in range(len(loaded))] if method in _USES_SEED else None
+            )
+            merged[key] = merge_tensors(
+                [v.tensors[key] for v in loaded],
+                weights,
+                method,
+                density=float(density),
+                majority_sign=majority_sign,
+                generators=generators,
+            )
+        first = loaded[0].config
+        if recommended_alpha is None:
+            recommended_alpha = sum(v.config.recommended_alpha for v in loaded) / len(loaded)
+        record = {
+            "method": method,
+            "weights": weights,
+            "density": float(density) if method in _USES_DENSITY else None,
+            "seed": seed if method in _USES_SEED else None,
+            "majority_sign": majority_sign if method in _USES_SIGN else None,
+            "inputs": [
+                {**input_record(v.config, v.tensors, _source_label(v), label)}
+                for v, label in zip(loaded, labels, strict=True)
+            ],
+        }
+        storage = {v.config.storage_dtype for v in loaded}
+        config = ExplanationVectorConfig(
+            model_type=first.model_type,
+            architecture=copy.deepcopy(first.architecture),
+            base_model=next(iter(bases), None),
+            base_model_revision=next(
+                (v.config.base_model_revision for v in loaded if v.config.base_model_revision), None
+            ),
+            recommended_alpha=float(recommended_alpha),
+            storage_dtype=storage.pop() if len(storage) == 1 else "float32",
+            provenance={"merge": record},
+        )
+        return cls(merged, config)
 
     # ------------------------------------------------------------------ arithmetic (always float32)
     def _combine(self, other: ExplanationVector, sign: float) -> ExplanationVector:
@@ -188,6 +330,7 @@ class ExplanationVector:
         save_directory: str | os.PathLike,
         *,
         storage_dtype: str | torch.dtype | None = None,
+        compression: VectorCompression | str | Mapping[str, Any] | None = None,
         model_card: bool = True,
         push_to_hub: bool = False,
         **push_kwargs: Any,
@@ -195,7 +338,17 @@ class ExplanationVector:
         """Write `explanation_vector.safetensors`, `explanation_vector_config.json` and a `README.md` card.
 
         `storage_dtype` ("float16"/"bfloat16") halves the files; loading turns them back into float32.
+        `compression` stores the tensors compactly (format version 2; see `VectorCompression`): ``"top_k:0.05"``
+        keeps the 5 % largest-magnitude entries of each tensor, ``"dare:0.9"`` drops 90 % at random and rescales
+        the rest, ``"low_rank:8"`` stores each matrix as a rank-8 truncated SVD. Loading rebuilds dense float32
+        tensors (the compressed ones, not the original: top-k and low-rank are lossy). Without it the file is
+        dense, format version 1, readable by every selfexplain version.
         With `push_to_hub=True`, the folder is then pushed to `push_kwargs["repo_id"]` (default: the folder name).
+
+        Example:
+            ```python
+            >>> vec.save_pretrained("vec-small", compression="top_k:0.05", storage_dtype="float16")
+            ```
         """
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
@@ -203,11 +356,17 @@ class ExplanationVector:
         if storage_dtype is not None:
             config.storage_dtype = _dtype_name(storage_dtype)
         dtype = STORAGE_DTYPES[config.storage_dtype]
-        config.tensors = {
-            k: {"shape": list(v.shape), "dtype": config.storage_dtype}
-            for k, v in sorted(self.tensors.items())
-        }
-        tensors = {k: v.to(dtype).contiguous() for k, v in self.tensors.items()}
+        if compression is None:
+            config.format_version, config.compression = DENSE_FORMAT_VERSION, None
+            config.tensors = {
+                k: {"shape": list(v.shape), "dtype": config.storage_dtype}
+                for k, v in sorted(self.tensors.items())
+            }
+            tensors = {k: v.to(dtype).contiguous() for k, v in self.tensors.items()}
+        else:
+            settings = VectorCompression.parse(compression)
+            tensors, config.tensors = encode_tensors(self.tensors, settings, dtype)
+            config.format_version, config.compression = FORMAT_VERSION, settings.to_dict()
         # Written into a temporary folder inside `save_directory` and renamed into place: an interrupted save never
         # leaves a half-written vector, and the temporary folder a killed one leaves is removed by the next save
         # or load (`write_files_atomically`). One metadata entry only: safetensors writes several in random
@@ -243,10 +402,14 @@ class ExplanationVector:
         commit_message: str = "Upload explanation vector",
         storage_dtype: str | torch.dtype | None = None,
         create_pr: bool = False,
+        compression: VectorCompression | str | Mapping[str, Any] | None = None,
     ) -> CommitInfo:
-        """Save to a temporary folder and upload it in one commit. Returns the ``CommitInfo`` (a ``str``: its URL)."""
+        """Save to a temporary folder and upload it in one commit. Returns the ``CommitInfo`` (a ``str``: its URL).
+
+        `storage_dtype` and `compression` are those of `save_pretrained`.
+        """
         return publish_folder(
-            lambda folder: self.save_pretrained(folder, storage_dtype=storage_dtype),
+            lambda folder: self.save_pretrained(folder, storage_dtype=storage_dtype, compression=compression),
             repo_id,
             private=private,
             token=token,
@@ -278,7 +441,9 @@ class ExplanationVector:
         }
         config = load_vector_config(source, download_kwargs)
         weights_file = resolve_vector_weights(source, config, download_kwargs)
-        return cls(dict(iter_vector_tensors(weights_file, config, source)), config)
+        vector = cls(dict(iter_vector_tensors(weights_file, config, source)), config)
+        vector.source, vector.source_revision = source, revision
+        return vector
 
 
 # ---------------------------------------------------------------------- helpers
@@ -292,6 +457,13 @@ def _select_keys(state: Mapping[str, Any], include: Iterable[str], exclude: Iter
         if any(fnmatch.fnmatchcase(k, p) for p in include)
         and not any(fnmatch.fnmatchcase(k, p) for p in exclude)
     )
+
+
+def _source_label(vector: ExplanationVector) -> str | None:
+    """Where an input of a merge came from: folder or repo id, with ``@revision`` when one was asked for."""
+    if vector.source is None:
+        return vector.config.provenance.get("repo_id")
+    return vector.source + (f"@{vector.source_revision}" if vector.source_revision else "")
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:
