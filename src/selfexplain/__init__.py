@@ -29,9 +29,11 @@ from .errors import (
     ExplanationVectorError,
     IncompatibleExplanationVectorError,
     InvalidExplanationVectorError,
+    MissingClassifierError,
     NotAModelError,
     NotAnExplanationVectorError,
 )
+from .evaluation.alpha_fitting import fit_alpha
 from .hub import publish_folder
 from .modeling_self_explaining_vit import (
     SelfExplainingImageClassifierOutput,
@@ -42,9 +44,11 @@ from .training import TrainingConfig, pretrain_base, train
 from .vectors import (
     ExplanationVector,
     ExplanationVectorConfig,
+    VectorCompression,
     apply_explanation_vector,
     architecture_fingerprint,
 )
+from .vectors.alpha import AlphaFit, LayerAlpha
 from .visualize import explanation_to_heatmap, label_image, overlay_heatmap
 
 _moved_modules.install()
@@ -53,6 +57,7 @@ register_pipelines()  # pipeline("image-explanation", model=...) works once self
 __version__ = "0.2.0"
 
 __all__ = [
+    "AlphaFit",
     "ExplanationVector",
     "ExplanationVectorConfig",
     "ExplanationVectorError",
@@ -60,16 +65,20 @@ __all__ = [
     "ImageExplanationPipeline",
     "IncompatibleExplanationVectorError",
     "InvalidExplanationVectorError",
+    "LayerAlpha",
+    "MissingClassifierError",
     "NotAModelError",
     "NotAnExplanationVectorError",
     "SelfExplainingImageClassifierOutput",
     "TrainingConfig",
+    "VectorCompression",
     "ViTForSelfExplainingClassification",
     "__version__",
     "add_explanation_targets",
     "apply_explanation_vector",
     "architecture_fingerprint",
     "exact_shapley_values",
+    "fit_alpha",
     "explanation_to_heatmap",
     "kernel_shap_values",
     "label_image",

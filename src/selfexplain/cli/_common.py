@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
 
 from ..data import default_image_processor
 from ..modeling_self_explaining_vit import ViTForSelfExplainingClassification
@@ -92,3 +95,22 @@ def load_image_processor(model_id: str, config, revision: str | None = None):
         file=sys.stderr,
     )
     return default_image_processor(size)
+
+
+#: File suffixes read as images when a folder is given.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+def open_image(path: Path) -> Image.Image:
+    if path.is_dir():
+        raise CLIError(f"{path}: a folder, not an image file.")
+    if not path.is_file():
+        raise CLIError(f"{path}: no such file.")
+    try:
+        with Image.open(path) as img:
+            # Grayscale, palette and RGBA images are explained as RGB; any size is resized by the processor.
+            return img.convert("RGB")
+    except Image.DecompressionBombError as err:
+        raise CLIError(f"{path}: image too large to open safely ({err}).") from err
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise CLIError(f"{path}: not an image file ({err}).") from err

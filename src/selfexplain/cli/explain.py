@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import PretrainedConfig
 
 from ..visualize import explanation_to_heatmap, label_image, overlay_heatmap
-from ._common import CLIError, load_image_processor, load_model
+from ._common import CLIError, load_image_processor, load_model, open_image
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,7 +55,7 @@ def _cmd_explain(args: argparse.Namespace) -> None:
         batch = []
         for path in paths[start : start + args.batch_size]:
             try:
-                batch.append((path, _open_image(path)))
+                batch.append((path, open_image(path)))
             except CLIError as err:
                 failures.append(str(err))
                 print(f"skipped {err}", file=sys.stderr)
@@ -101,21 +101,6 @@ def explanation_is_trained(model: str, revision: str | None = None) -> bool:
         return True
     weight = config.get("explanation_loss_weight")
     return isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight != 0
-
-
-def _open_image(path: Path) -> Image.Image:
-    if path.is_dir():
-        raise CLIError(f"{path}: a folder, not an image file.")
-    if not path.is_file():
-        raise CLIError(f"{path}: no such file.")
-    try:
-        with Image.open(path) as img:
-            # Grayscale, palette and RGBA images are explained as RGB; any size is resized by the processor.
-            return img.convert("RGB")
-    except Image.DecompressionBombError as err:
-        raise CLIError(f"{path}: image too large to open safely ({err}).") from err
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise CLIError(f"{path}: not an image file ({err}).") from err
 
 
 def _heatmap(explanation: torch.Tensor, image: Image.Image, processor) -> torch.Tensor:

@@ -7,16 +7,23 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 from transformers import AutoImageProcessor, PretrainedConfig, PreTrainedModel, ViTConfig
 from transformers.image_processing_base import ImageProcessingMixin
 
 from ..cards import IMAGE_PROCESSOR_ATTRIBUTE
-from ..errors import ExplanationVectorError, IncompatibleExplanationVectorError, NotAModelError
+from ..errors import (
+    ExplanationVectorError,
+    IncompatibleExplanationVectorError,
+    MissingClassifierError,
+    NotAModelError,
+)
 from ..modeling_self_explaining_vit import ViTForSelfExplainingClassification
+from .alpha import AlphaFit, LayerAlpha, alpha_record
 from .checkpoint_keys import serialized_names
 from .checks import all_finite
 from .compatibility import check_compatible
@@ -39,7 +46,7 @@ logger = logging.getLogger(__name__)
 def apply_explanation_vector(
     model: PreTrainedModel | str | os.PathLike,
     vector: ExplanationVector | str | os.PathLike,
-    alpha: float | None = None,
+    alpha: float | LayerAlpha | AlphaFit | Mapping[str, Any] | None = None,
     *,
     inplace: bool = False,
     revision: str | None = None,
@@ -56,7 +63,9 @@ def apply_explanation_vector(
             of one (loaded with `ViTForSelfExplainingClassification.from_pretrained`, never with remote code).
         vector: an `ExplanationVector`, or a Hub id / folder of one.
         alpha: scale of the vector; `None` uses the vector's `recommended_alpha`. `alpha=0` returns the
-            original weights exactly.
+            original weights exactly. A `LayerAlpha` (e.g. from `fit_alpha`) scales each transformer block by its
+            own α (its serialised dict, as an applied model's config records it, is accepted too); the
+            `AlphaFit` that `fit_alpha` returns applies its α and records the fit in the config and card.
         inplace: update a loaded `ViTForSelfExplainingClassification` in place instead of returning a new model.
             A `ViTForImageClassification` is never changed: a new self-explaining model is returned.
         revision / vector_revision / token / cache_dir / local_files_only: Hub options for `model` / `vector`.
@@ -66,6 +75,10 @@ def apply_explanation_vector(
         A `ViTForSelfExplainingClassification` with the target's own classifier, `id2label` and `label2id`.
 
     Raises:
+        MissingClassifierError: the model has no image-classification head (a `ViTModel` backbone, a
+            `ViTForMaskedImageModeling`, …): fine-tune a classifier from it first. Decided from an id's or
+            folder's `config.json` (`architectures`) before its weights are downloaded; for a config that names
+            no known class, from the weights that did not load.
         IncompatibleExplanationVectorError: the vector does not fit the model (architecture, keys or shapes);
             the message lists every difference and the model is unchanged.
         InvalidExplanationVectorError: the vector's files are corrupt, lie, or exceed the size limits.
@@ -106,15 +119,25 @@ def apply_explanation_vector(
         }
         config = load_vector_config(vector_source, vector_download)
         shapes = {key: tuple(spec["shape"]) for key, spec in config.tensors.items()}
-    alpha = config.recommended_alpha if alpha is None else float(alpha)
-    if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}.")
+    alpha = config.recommended_alpha if alpha is None else alpha
+    fit_record = None
+    if isinstance(alpha, AlphaFit):
+        fit_record, alpha = alpha.to_dict(), alpha.alpha
+    if isinstance(alpha, Mapping):
+        alpha = LayerAlpha.from_dict(alpha)
+    if not isinstance(alpha, LayerAlpha):
+        alpha = float(alpha)
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}.")
+    scale_of = _scale_of(alpha)
 
     # Everything that can be checked from configs is checked before any weights are downloaded or read.
     if owned:
         source = str(model)
         _check_config_before_loading(source, config, revision, token, cache_dir, local_files_only)
     else:
+        if getattr(model.config, "model_type", None) == config.model_type:  # else `_validate` says what it is
+            _require_classifier_head(model)
         name_map = _validate(model, config, shapes)
     if vector_source is not None:
         weights_file = resolve_vector_weights(vector_source, config, vector_download)
@@ -122,33 +145,45 @@ def apply_explanation_vector(
     else:
         deltas = iter(sorted(vector.tensors.items()))
     if owned:
-        model = ViTForSelfExplainingClassification.from_pretrained(
+        # The loading info replaces from_pretrained's warning about a missing head: here it is an error.
+        model, loading_info = ViTForSelfExplainingClassification.from_pretrained(
             source,
             revision=revision,
             token=token,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
-            **from_pretrained_kwargs,
+            **{**from_pretrained_kwargs, "output_loading_info": True},
         )
+        _require_loaded_classifier(source, loading_info)
         name_map = _validate(model, config, shapes)
         # Carried along so that `save_pretrained` writes it too: the saved model then runs in `pipeline()`.
         image_processor = load_image_processor(source, revision, token, cache_dir, local_files_only)
     else:
         image_processor = getattr(model, IMAGE_PROCESSOR_ATTRIBUTE, None)
     _warn_on_base_mismatch(model.config, config)
+    if isinstance(
+        alpha, LayerAlpha
+    ):  # before any weight changes: a depth mismatch leaves the model as it was
+        alpha.check_model(int(model.config.num_hidden_layers))
 
     if owned:
         # Nobody else holds this model: if anything fails it is dropped, so it is updated as the vector streams in.
         target = model
-        _stream_into(_named_tensors(target), name_map, deltas, alpha)
+        _stream_into(_named_tensors(target), name_map, deltas, scale_of)
     elif inplace and isinstance(model, ViTForSelfExplainingClassification):
         target = model
         tensors = _named_tensors(target)
-        _copy_all_or_nothing(tensors, _updated_tensors(tensors, name_map, deltas, alpha))
+        _copy_all_or_nothing(tensors, _updated_tensors(tensors, name_map, deltas, scale_of))
     else:
         target = _new_self_explaining_model(model)
-        _stream_into(_named_tensors(target), name_map, deltas, alpha)
-    provenance = {"vector": vector_source, "vector_base_model": config.base_model, "alpha": alpha}
+        _stream_into(_named_tensors(target), name_map, deltas, scale_of)
+    provenance = {
+        "vector": vector_source,
+        "vector_base_model": config.base_model,
+        "alpha": alpha_record(alpha),
+    }
+    if fit_record is not None:
+        provenance["alpha_fit"] = fit_record
     target.config.selfexplain_applied_vector = provenance
     if image_processor is not None:
         setattr(target, IMAGE_PROCESSOR_ATTRIBUTE, image_processor)
@@ -206,11 +241,18 @@ def _named_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _scale_of(alpha: float | LayerAlpha) -> Callable[[str], float]:
+    """α of each vector key: the LayerAlpha's entry for its block, or the one float."""
+    if isinstance(alpha, LayerAlpha):
+        return alpha.alpha_for
+    return lambda key: alpha
+
+
 def _stream_into(
     params: Mapping[str, torch.Tensor],
     name_map: Mapping[str, str],
     deltas: Iterator[tuple[str, torch.Tensor]],
-    alpha: float,
+    scale_of: Callable[[str], float],
 ) -> None:
     """θ ← θ + α·τ tensor by tensor as the deltas arrive, for a model no caller holds (it is dropped on error).
 
@@ -218,7 +260,7 @@ def _stream_into(
     """
     with torch.no_grad():
         for key, delta in deltas:
-            param = params[name_map[key]]
+            param, alpha = params[name_map[key]], scale_of(key)
             if param.dtype == torch.float32:
                 _check_shape(key, delta, param)
                 if alpha != 0.0:
@@ -235,13 +277,13 @@ def _updated_tensors(
     params: Mapping[str, torch.Tensor],
     name_map: Mapping[str, str],
     deltas: Iterator[tuple[str, torch.Tensor]],
-    alpha: float,
+    scale_of: Callable[[str], float],
 ) -> dict[str, torch.Tensor]:
     """Every θ + α·τ, computed and checked before anything is written (a refused vector never touches θ)."""
     updates = {}
     with torch.no_grad():
         for key, delta in deltas:
-            new = _updated(key, params[name_map[key]], delta, alpha, name_map[key])
+            new = _updated(key, params[name_map[key]], delta, scale_of(key), name_map[key])
             if new is not None:
                 updates[name_map[key]] = new
     return updates
@@ -299,6 +341,65 @@ def _copy_all_or_nothing(params: Mapping[str, torch.Tensor], updates: dict[str, 
             raise
 
 
+#: Class-name endings of the ViT checkpoints that carry an image-classification head.
+_CLASSIFIER_ARCHITECTURES = ("ForImageClassification", ViTForSelfExplainingClassification.__name__)
+#: Class-name endings of ViT checkpoints without one: backbones and other pre-training or task heads.
+_HEADLESS_ARCHITECTURES = ("Model", "ForMaskedImageModeling", "ForPreTraining")
+
+_FINE_TUNE_FIRST = (
+    "An explanation vector patches a classifier and keeps its head and labels, so fine-tune a classifier on "
+    "your labels first (for example `selfexplain train --base {base} ...`, or "
+    "`ViTForImageClassification.from_pretrained({base!r}, num_labels=...)` and your own training), then apply "
+    "the vector to that classifier."
+)
+
+
+def _require_classifier_head(model: PreTrainedModel) -> None:
+    """Refuse a loaded model whose class has no linear `classifier` (a `ViTModel`, a masked-image model, …)."""
+    if isinstance(getattr(model, "classifier", None), nn.Linear):
+        if _architectures_verdict(getattr(model.config, "architectures", None)) == "headless":
+            # The class has a head, but the checkpoint it came from had none: random unless trained since.
+            warnings.warn(
+                f"This {type(model).__name__} was loaded from a {model.config.architectures[0]} checkpoint, "
+                "which has no classifier: unless it was fine-tuned since, its head is random and so are its "
+                "predictions and explanations.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return
+    raise MissingClassifierError(
+        f"This {type(model).__name__} has no image-classification head (no linear `classifier`); the model was "
+        "not changed. " + _FINE_TUNE_FIRST.format(base=getattr(model.config, "_name_or_path", "") or "BASE")
+    )
+
+
+def _architectures_verdict(architectures: Any) -> str:
+    """What a config's `architectures` say: `classifier`, `headless`, or `unknown` (none, or unknown names)."""
+    names = [name for name in architectures or () if isinstance(name, str)]
+    if any(name.endswith(_CLASSIFIER_ARCHITECTURES) for name in names):
+        return "classifier"
+    if names and all(name.endswith(_HEADLESS_ARCHITECTURES) for name in names):
+        return "headless"
+    return "unknown"
+
+
+def _require_loaded_classifier(source: str, loading_info: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose classifier weights did not load (its config named no known class)."""
+    not_loaded = sorted(
+        {
+            key[0] if isinstance(key, (tuple, list)) else str(key)
+            for kind in ("missing_keys", "mismatched_keys")
+            for key in loading_info.get(kind, ())
+        }
+    )
+    head = [key for key in not_loaded if key.startswith("classifier.")]
+    if head:
+        raise MissingClassifierError(
+            f"{source} has no image-classification head: its checkpoint lacks {head} (they would start "
+            "random). " + _FINE_TUNE_FIRST.format(base=source)
+        )
+
+
 def _validate(
     model: PreTrainedModel, config: ExplanationVectorConfig, shapes: Mapping[str, tuple[int, ...]]
 ) -> dict[str, str]:
@@ -346,6 +447,13 @@ def _check_config_before_loading(
     model_type = config_dict.get("model_type")
     if model_type is None:
         _raise_if_vector_repo(source, hub, None)
+    architectures = config_dict.get("architectures")
+    if model_type == vector_config.model_type and _architectures_verdict(architectures) == "headless":
+        raise MissingClassifierError(
+            f"{source} is a {' / '.join(architectures)} checkpoint: a model without an image-classification "
+            "head (no `classifier` weights), so applying a vector would give it a random one. "
+            + _FINE_TUNE_FIRST.format(base=source)
+        )
     if model_type != vector_config.model_type:
         problems = [f"model_type: vector {vector_config.model_type!r}, model {model_type!r}"]
     else:
@@ -389,7 +497,13 @@ def _new_self_explaining_model(model: PreTrainedModel) -> ViTForSelfExplainingCl
     with torch.device("meta"):
         new = ViTForSelfExplainingClassification(config)
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    new.load_state_dict(state, strict=True, assign=True)
+    try:
+        new.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:  # a subclass with extra or renamed weights: not a plain ViT classifier
+        raise IncompatibleExplanationVectorError(
+            f"This {type(model).__name__}'s weights are not those of a ViT classifier "
+            f"(ViTForImageClassification); the model was not changed:\n{err}"
+        ) from err
     new.train(model.training)
     return new
 
