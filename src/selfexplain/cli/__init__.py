@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import datasets
 from transformers.utils import logging as transformers_logging
 
-from . import experiments, explain, targets, train, vectors
+from . import experiments, explain, serve, targets, train, vectors
 from ._common import CLIError
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-explaining Vision Transformers and explanation vectors (task arithmetic, no training on the target).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (experiments, train, targets, vectors, explain):
+    for group in (experiments, train, targets, vectors, explain, serve):
         group.register(sub)
     return parser
 
