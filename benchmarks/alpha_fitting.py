@@ -11,6 +11,8 @@ insertion − deletion AUC of the model's own map (label-free faithfulness) agai
 Vectors: each source's, and `ties(mnist, union)`: the two merged with TIES (density 0.5).
 
     python benchmarks/alpha_fitting.py        # writes docs/results/alpha_fitting.md (+ .json)
+
+Results are cached per seed and target under `<output-dir>/alpha_fitting/`.
 """
 
 from __future__ import annotations
@@ -165,7 +167,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for seed in config.seeds:
         for target in config.targets:
-            rows += run_seed_target(experiment, seed, target, list(config.sources), args)
+            # Cached per (seed, target): a rerun with more seeds only computes the new ones.
+            cache = args.output_dir / "alpha_fitting" / f"seed{seed}-{target}.json"
+            if not cache.exists():
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                found = run_seed_target(experiment, seed, target, list(config.sources), args)
+                cache.write_text(json.dumps(found, indent=1))
+            rows += json.loads(cache.read_text())
     command = "python benchmarks/alpha_fitting.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:])
     )
