@@ -79,7 +79,7 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
     lines = [
         f"# Explanation transfer: `{cfg['name']}` suite",
         "",
-        f"Produced by `{command}` (seeds {seeds}); wall time {results['wall_time_s'] / 60:.1f} min on "
+        f"Produced by `{command}` (seeds {seeds}); {_wall_text(results)} on "
         f"{results['environment']['machine']} (torch {results['environment']['torch']}, transformers "
         f"{results['environment']['transformers']}). Raw numbers: `results.json`; the config is reproduced at the end.",
         "",
@@ -211,6 +211,19 @@ def _in_domain_section(results: dict[str, Any]) -> list[str]:
         "",
     ]
     return lines
+
+
+def _wall_text(results: dict[str, Any]) -> str:
+    """This invocation's wall time, and the units' own (a resumed suite reads finished units back in seconds)."""
+    text = f"wall time {results['wall_time_s'] / 60:.1f} min"
+    units = results.get("unit_wall_s")
+    if units:
+        longest = max(units, key=units.get)
+        text += (
+            f" (the {len(units)} units took {sum(units.values()) / 60:.0f} min of worker time in all when computed, "
+            f"the longest `{longest}` {units[longest] / 60:.1f} min; a resumed run reads finished units back)"
+        )
+    return text
 
 
 def _ci_text(entry: dict[str, Any] | None) -> str:
