@@ -113,7 +113,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print("\nIn-domain: one pass of the self-explaining source model vs Kernel SHAP of the same model")
     for source, res in results["in_domain"][seed].items():
         own, head = res["explainers"]["self_explaining"], res["explainers"]["prediction_only_head"]
-        curve = ", ".join(f"{b}: {e['pearson']:.2f}" for b, e in res["kernel_shap"].items())
+        curve = ", ".join(
+            f"{b}: {res['kernel_shap'][b]['pearson']:.2f}" for b in sorted(res["kernel_shap"], key=int)
+        )
         print(
             f"  {source}: Pearson with the reference {own['pearson']:.3f} (untrained head: {head['pearson']:.3f}; "
             f"rollout {res['explainers']['attention_rollout']['pearson']:.3f}, Grad-CAM "

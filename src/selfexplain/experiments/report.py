@@ -56,7 +56,10 @@ def crossover(results: dict[str, Any], metric: str = "pearson", alpha_rule: str 
                 alpha = transfer[alpha_rule]
                 value = transfer["sweep"][f"{alpha:g}"][metric]
                 better = lambda a, b: a <= b if metric == "deletion" else a >= b  # noqa: E731
-                budget = next((int(b) for b, e in curve.items() if better(e[metric], value)), None)
+                # Budgets in numeric order: results.json sorts its keys as strings ("1024" before "64").
+                budget = next(
+                    (int(b) for b in sorted(curve, key=int) if better(curve[b][metric], value)), None
+                )
                 rows.append(
                     {
                         "seed": seed,
@@ -146,6 +149,8 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
         ]
         for row in cross:
             budget = "none (map is better than all budgets)" if row["budget"] is None else row["budget"]
+            if row["budget"] is not None and row["budget"] == min(cfg["kernel_shap_budgets"]):
+                budget = f"≤ {budget} (the smallest tested)"
             lines.append(
                 f"| {row['seed']} | {row['source']} → {row['target']} | {row['alpha']:g} | {row['value']:.3f} | {budget} |"
             )
@@ -198,9 +203,11 @@ def _in_domain_section(results: dict[str, Any]) -> list[str]:
     curve_rows = []
     for seed, per_source in results["in_domain"].items():
         for source, res in per_source.items():
-            cells = " | ".join(f"{res['kernel_shap'][b]['pearson']:.3f}" for b in res["kernel_shap"])
+            cells = " | ".join(
+                f"{res['kernel_shap'][b]['pearson']:.3f}" for b in sorted(res["kernel_shap"], key=int)
+            )
             curve_rows.append(f"| {seed} | {source} | {cells} |")
-    budgets = next(iter(next(iter(results["in_domain"].values())).values()))["kernel_shap"]
+    budgets = sorted(next(iter(next(iter(results["in_domain"].values())).values()))["kernel_shap"], key=int)
     lines += [
         "",
         "Kernel SHAP's own Pearson with the reference, by budget (evaluations per image):",
@@ -286,7 +293,7 @@ def _paired_section(results: dict[str, Any]) -> list[str]:
     if transfer_rows:
         lines += [
             "Transfer: the patched target's map (α recommended on the source) against the target's own map "
-            "(`no_transfer`), the explainers that need no training, and the oracle.",
+            "(`no_transfer`), the explainers that need no training, and the oracle when the suite trains one.",
             "",
             header.format(what="source → target | α"),
             "|---|---|---|---|---|---|---|",
@@ -401,9 +408,12 @@ def _plots(results: dict[str, Any], report_dir: Path) -> None:
             curve = res.get("kernel_shap")
             if not curve:
                 continue
-            budgets = [int(b) for b in curve]
+            keys = sorted(curve, key=int)
             line = ax.plot(
-                budgets, [curve[b]["pearson"] for b in curve], marker="o", label=f"Kernel SHAP, {target}"
+                [int(b) for b in keys],
+                [curve[b]["pearson"] for b in keys],
+                marker="o",
+                label=f"Kernel SHAP, {target}",
             )
             for source, transfer in res["transfer"].items():
                 value = transfer["sweep"][f"{transfer['recommended_alpha']:g}"]["pearson"]
