@@ -204,3 +204,41 @@ def test_explain_accepts_any_mode_and_size_and_refuses_bombs(models, capsys, mon
             ]
         )
     assert info.value.code == 2 and "too large to open safely" in capsys.readouterr().err
+
+
+def test_apply_fits_alpha_on_unlabelled_images_and_stores_a_compact_vector(models, capsys):
+    root = models
+    common = ["--self-explaining", str(root / "se"), "--prediction-only", str(root / "po")]
+    assert (
+        main(["extract-vector", *common, "--compression", "low_rank:2", "--output-dir", str(root / "vec")])
+        == 0
+    )
+    assert ExplanationVector.from_pretrained(root / "vec").config.compression["rank"] == 2
+    images = root / "unlabelled"
+    images.mkdir()
+    for i in range(6):
+        Image.fromarray(
+            pixels(batch=1, seed=i)[0].permute(1, 2, 0).mul(60).add(128).clamp(0, 255).byte().numpy()
+        ).save(images / f"{i}.png")
+    (images / "notes.txt").write_text("not an image: skipped by suffix")
+    args = [
+        "apply",
+        "--model",
+        str(root / "target"),
+        "--vector",
+        str(root / "vec"),
+        "--output-dir",
+        str(root / "out"),
+    ]
+    assert main([*args, "--fit-alpha-on", str(images), "--global-alpha", "--min-agreement", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "Fitted α on 6 unlabelled images" in out
+    applied = json.loads((root / "out" / "config.json").read_text())["selfexplain_applied_vector"]
+    assert applied["alpha_fit"]["num_images"] == 6 and applied["alpha_fit"]["min_agreement"] == 0.5
+    assert isinstance(applied["alpha"], float)  # --global-alpha: one α
+    assert "fitted by `fit_alpha` on 6 unlabelled images" in (root / "out" / "README.md").read_text()
+    # A malformed compression is refused before anything is written.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["extract-vector", *common, "--compression", "bogus", "--output-dir", str(root / "v2")])
+    assert exit_info.value.code == 2 and "--compression bogus" in capsys.readouterr().err
+    assert not (root / "v2").exists()

@@ -351,7 +351,6 @@ class ExplanationVector:
             ```
         """
         save_directory = Path(save_directory)
-        save_directory.mkdir(parents=True, exist_ok=True)
         config = copy.deepcopy(self.config)
         if storage_dtype is not None:
             config.storage_dtype = _dtype_name(storage_dtype)
@@ -367,6 +366,8 @@ class ExplanationVector:
             settings = VectorCompression.parse(compression)
             tensors, config.tensors = encode_tensors(self.tensors, settings, dtype)
             config.format_version, config.compression = FORMAT_VERSION, settings.to_dict()
+        # Only now, with every setting checked and the tensors encoded: a refused save leaves no folder behind.
+        save_directory.mkdir(parents=True, exist_ok=True)
         # Written into a temporary folder inside `save_directory` and renamed into place: an interrupted save never
         # leaves a half-written vector, and the temporary folder a killed one leaves is removed by the next save
         # or load (`write_files_atomically`). One metadata entry only: safetensors writes several in random
