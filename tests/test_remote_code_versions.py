@@ -77,15 +77,21 @@ print(json.dumps({
 """
 
 
-@pytest.fixture(scope="module")
-def applied(tmp_path_factory):
-    """An applied model saved by the current transformers, the inputs, and the outputs it must give."""
+@pytest.fixture(scope="module", params=["shared", "extension"])
+def applied(request, tmp_path_factory):
+    """An applied model saved by the current transformers, the inputs, and the outputs it must give: with the
+    shared head, and with an explanation extension that the vector adds (trained weights stand-in: random)."""
     labels = {i: f"c{i}" for i in range(5)}
     target = tiny_classifier(
         seed=50, num_labels=5, id2label=labels, label2id={v: k for k, v in labels.items()}
     )
+    explaining = tiny_self_explaining(seed=51, num_labels=5, explanation_head=request.param)
+    if explaining.explainer is not None:  # its output projections start at zero: make it do something
+        with torch.no_grad():
+            for param in explaining.explainer.parameters():
+                param.add_(0.2 * torch.randn(param.shape, generator=torch.Generator().manual_seed(7)))
     vector = ExplanationVector.from_models(
-        self_explaining=tiny_self_explaining(seed=51, num_labels=5),
+        self_explaining=explaining,
         prediction_only=tiny_classifier(seed=52, num_labels=5),
         base_model="org/tiny-base",
         recommended_alpha=0.5,

@@ -37,6 +37,7 @@ from .evaluation.alpha_fitting import fit_alpha
 from .hub import publish_folder
 from .modeling_self_explaining_vit import (
     SelfExplainingImageClassifierOutput,
+    ViTExplanationExtension,
     ViTForSelfExplainingClassification,
 )
 from .pipelines import IMAGE_EXPLANATION_TASK, ImageExplanationPipeline, register_pipelines
@@ -72,6 +73,7 @@ __all__ = [
     "SelfExplainingImageClassifierOutput",
     "TrainingConfig",
     "VectorCompression",
+    "ViTExplanationExtension",
     "ViTForSelfExplainingClassification",
     "__version__",
     "add_explanation_targets",

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import ViTConfig
+from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.vit.modeling_vit import ViTModel, ViTPreTrainedModel
 from transformers.utils import ModelOutput
@@ -41,6 +42,11 @@ except ImportError:  # older releases: the same contract, written out (remote co
 
         return wrapper
 
+
+try:  # transformers 5: init functions that leave weights already loaded from a checkpoint alone
+    from transformers.initialization import zeros_ as _init_zeros
+except ImportError:  # older releases initialise before loading, so torch's own is right there
+    _init_zeros = nn.init.zeros_
 
 try:  # transformers >= 4.46 picks a model's loss from `loss_type`; image classification joined that map later
     from transformers.loss.loss_utils import LOSS_MAPPING
@@ -66,9 +72,77 @@ SELF_EXPLAINING_CONFIG_DEFAULTS: dict[str, object] = {
     # tiny per patch. Multiplying them by the number of players puts them on the scale of one whole-image
     # probability change, which is the scale the shared classifier head produces for a single token.
     "explanation_target_scale": "num_players",
+    # "shared": the patch tokens of the last layer are scored by the classifier (no extra parameters);
+    # "extension": they first pass through `explanation_extension_layers` extra transformer blocks of their own
+    # (`ViTExplanationExtension`), which only the explanation reads: the logits do not depend on them.
+    "explanation_head": "shared",
+    "explanation_extension_layers": 1,
 }
 
+EXPLANATION_HEADS: tuple[str, ...] = ("shared", "extension")
+
 ExplainSpec = str | int | Sequence[int] | torch.Tensor | None
+
+
+class ViTExplanationBlock(nn.Module):
+    """A pre-norm transformer block (attention + MLP, residual) on the final tokens, for the explanation only.
+
+    Every parameter at zero makes it the identity (the normed input is 0, so attention, projections and MLP all
+    output 0): a model without an extension behaves exactly as one with an all-zero extension. That is what makes
+    the extension's weights an explanation-vector *delta* like any other (τ = W − 0), scaled by α and merged by
+    the same arithmetic. Trained blocks start as the identity too (the output projections are zero-initialised),
+    so training starts from the shared head's map.
+    """
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        if hidden % config.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {hidden} is not a multiple of num_attention_heads {config.num_attention_heads}."
+            )
+        self.num_heads = config.num_attention_heads
+        self.norm1 = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=config.qkv_bias)
+        self.proj = nn.Linear(hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(hidden, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, hidden)
+        self.act = ACT2FN[config.hidden_act]
+        for output in (
+            self.proj,
+            self.fc2,
+        ):  # zero-initialised (see `_init_weights`): the block starts as the identity
+            output._zero_init = True
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, tokens, hidden = hidden_states.shape
+        qkv = self.qkv(self.norm1(hidden_states))
+        q, k, v = qkv.view(batch, tokens, 3, self.num_heads, hidden // self.num_heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, hidden)
+        hidden_states = hidden_states + self.proj(attended)
+        return hidden_states + self.fc2(self.act(self.fc1(self.norm2(hidden_states))))
+
+
+class ViTExplanationExtension(nn.Module):
+    """`config.explanation_extension_layers` blocks that turn the final tokens into explanation tokens.
+
+    It reads the whole final sequence (CLS and patches) and returns new patch tokens for the classifier to score;
+    the CLS token the logits come from never passes through it, so the logits are the same with or without it.
+    """
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        layers = int(config.explanation_extension_layers)
+        if layers < 1:
+            raise ValueError(f"`explanation_extension_layers` must be >= 1, got {layers}.")
+        self.blocks = nn.ModuleList([ViTExplanationBlock(config) for _ in range(layers)])
+
+    def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
+        hidden_states = sequence_output
+        for block in self.blocks:
+            hidden_states = block(hidden_states)
+        return hidden_states[:, 1:, :]
 
 
 @dataclass
@@ -106,6 +180,11 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
     model and a self-explaining model trained from the same base have identical parameter sets: their
     difference, the *explanation vector*, lives on the backbone.
 
+    With `config.explanation_head = "extension"` the patch tokens first pass through a small
+    `ViTExplanationExtension` (`explainer.*`, extra transformer blocks); the classifier still scores them, so a
+    target's own label set is explained, and the logits never depend on the extension. A model without the
+    extension is the same as one whose extension weights are all zero.
+
     Example:
         ```python
         >>> from selfexplain import ViTForSelfExplainingClassification
@@ -117,7 +196,14 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
         ```
     """
 
-    def __init__(self, config: ViTConfig):
+    def __init__(self, config: ViTConfig, **settings):
+        # `from_pretrained(path, explanation_head="extension")` on a checkpoint whose config predates a setting
+        # passes it here (transformers only assigns the keys a config already has).
+        unknown = sorted(set(settings) - set(SELF_EXPLAINING_CONFIG_DEFAULTS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {unknown}.")
+        for key, value in settings.items():
+            setattr(config, key, value)
         for key, value in SELF_EXPLAINING_CONFIG_DEFAULTS.items():
             if not hasattr(config, key):
                 setattr(config, key, value)
@@ -129,9 +215,23 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
                 "ViTForSelfExplainingClassification needs `num_labels > 0`: the classifier scores the patches."
             )
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        if config.explanation_head not in EXPLANATION_HEADS:
+            raise ValueError(
+                f"`explanation_head` must be one of {EXPLANATION_HEADS}, got {config.explanation_head!r}."
+            )
+        self.explainer = ViTExplanationExtension(config) if config.explanation_head == "extension" else None
         self.post_init()
         # transformers picks the loss from the class name; ours does not end in "ForImageClassification".
         self.loss_type = "ForImageClassification"
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if getattr(
+            module, "_zero_init", False
+        ):  # the extension's output projections: it starts as the identity
+            _init_zeros(module.weight)
+            _init_zeros(module.bias)
+            return
+        super()._init_weights(module)
 
     @classmethod
     def from_pretrained(
@@ -240,8 +340,12 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
         sequence_output = outputs.last_hidden_state
         logits = self.classifier(sequence_output[:, 0, :])
 
-        patch_tokens = sequence_output[:, 1:, :]
         grid = self.patch_grid(pixel_values)
+        wants_explanation = explain is not None or explanation_targets is not None
+        if self.explainer is not None and wants_explanation:
+            patch_tokens = self.explainer(sequence_output)
+        else:
+            patch_tokens = sequence_output[:, 1:, :]
 
         explanation, explained_classes = None, None
         if explain is not None:
@@ -463,8 +567,11 @@ def _pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tenso
 ViTForSelfExplainingClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
+    "EXPLANATION_HEADS",
     "SELF_EXPLAINING_CONFIG_DEFAULTS",
     "SelfExplainingImageClassifierOutput",
+    "ViTExplanationBlock",
+    "ViTExplanationExtension",
     "ViTForSelfExplainingClassification",
     "pool_to_player_grid",
 ]

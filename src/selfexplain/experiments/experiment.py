@@ -71,6 +71,15 @@ class ExperimentConfig:
     explanation_objective: str = "shapley"
     coalitions_per_image: int = 2
     explanation_loss: str = "mse"
+    # "shared": the self-explaining model's classifier scores its last patch tokens; "extension": an explanation
+    # extension of `explanation_extension_layers` blocks sits in between (it travels inside the vector).
+    explanation_head: str = "shared"
+    explanation_extension_layers: int = 1
+    # "all": the self-explaining model is fine-tuned from θ0 like the prediction-only one; "extension": only its
+    # extension is trained, on top of the frozen prediction-only model (logits unchanged, vector = extension).
+    trainable: str = "all"
+    # Recipe settings for the self-explaining run only (e.g. its own learning rate), over `train`.
+    explanation_train: dict[str, Any] = field(default_factory=dict)
     # Explanations and Shapley values live on the model's patch grid unless a coarser grid is given.
     player_grid: list[int] | None = None
     target_budget: int = 128
@@ -188,6 +197,17 @@ class Experiment:
         if (path / "config.json").exists():
             return path
         base = self.base(seed)  # first, so that the log reads in the order things happen
+        head = {}
+        if explanation_weight > 0:
+            head = {
+                "explanation_head": self.config.explanation_head,
+                "explanation_extension_layers": self.config.explanation_extension_layers,
+                "trainable": self.config.trainable,
+            }
+            if (
+                self.config.trainable == "extension"
+            ):  # the extension learns on the frozen prediction-only model
+                base = self.finetune(seed, domain, 0.0)
         self.log(f"[seed {seed}] training {kind} model on {domain} -> {path}")
         train_ds = (
             targets_ds
@@ -202,6 +222,7 @@ class Experiment:
             "checkpoint_every": None,
             "log_every": 20,
             **self.config.train,
+            **(self.config.explanation_train if explanation_weight > 0 else {}),
         }
         objective = {}
         if explanation_weight > 0 and self.config.explanation_objective == "shapley":
@@ -220,6 +241,7 @@ class Experiment:
             source_dataset=f"builtin:{domain}",
             targets_info=self.targets_info() if explanation_weight > 0 and not objective else None,
             **objective,
+            **head,
             **recipe,
         )
         self._timed(f"train_{kind}", lambda: train(config, train_ds, eval_ds, image_processor=self.processor))
@@ -678,8 +700,10 @@ class Experiment:
 
 
 def _as_plain_classifier(model: ViTForSelfExplainingClassification):
+    """The same classifier as a `ViTForImageClassification` (for Grad-CAM and rollout), without the extension."""
     plain = ViTForImageClassification(model.config)
-    plain.load_state_dict(model.state_dict())
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("explainer.")}
+    plain.load_state_dict(state)
     return plain.eval()
 
 

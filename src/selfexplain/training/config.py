@@ -18,6 +18,10 @@ EXPLANATION_LOSSES: tuple[str, ...] = ("mse", "pearson")
 #: "targets": fit precomputed explanation targets (Kernel SHAP); "shapley": the amortised Shapley objective
 #: (FastSHAP / ViT-Shapley) against a frozen value model, no targets (see selfexplain.attribution.amortized).
 EXPLANATION_OBJECTIVES: tuple[str, ...] = ("targets", "shapley")
+#: What the optimizer updates: every parameter, or only the explanation extension (backbone and classifier
+#: frozen, so the model's logits stay exactly those of `base`).
+TRAINABLE: tuple[str, ...] = ("all", "extension")
+EXPLANATION_HEADS: tuple[str, ...] = ("shared", "extension")
 LR_SCHEDULERS: tuple[str, ...] = (
     "cosine",
     "linear",
@@ -47,6 +51,13 @@ class TrainingConfig:
             an ``explanation_targets`` column (see :func:`selfexplain.targets.add_explanation_targets`).
         explanation_loss: ``"mse"`` or ``"pearson"`` (see ``ViTForSelfExplainingClassification``).
         explanation_target_scale: overrides the model's ``explanation_target_scale`` (``None``: keep).
+        explanation_head: ``"shared"`` (the classifier scores the last patch tokens) or ``"extension"`` (they
+            first pass through ``explanation_extension_layers`` extra transformer blocks that only the explanation
+            reads); ``None`` keeps the base's.
+        explanation_extension_layers: blocks of a new extension (``explanation_head="extension"``).
+        trainable: ``"all"`` parameters, or only the ``"extension"``: backbone and classifier stay frozen, so
+            the trained model predicts exactly as ``base`` (use a fine-tuned classifier as ``base`` and as
+            ``value_model``); its explanation vector is then the extension alone.
         num_epochs: passes over the training data (``max_steps`` may stop earlier).
         max_steps: total optimizer steps; when set, it defines the length of the schedule.
         batch_size: examples per device per micro-batch. Global batch =
@@ -119,6 +130,17 @@ class TrainingConfig:
     )
     explanation_target_scale: str | float | None = _field(
         None, 'Scale of the targets for "mse" ("num_players" or a number; default: the model\'s).', parse=str
+    )
+    explanation_head: str | None = _field(
+        None, f"One of {EXPLANATION_HEADS} (default: the base's).", parse=str
+    )
+    explanation_extension_layers: int = _field(
+        1, 'Transformer blocks of a new explanation extension (explanation_head="extension").', parse=int
+    )
+    trainable: str = _field(
+        "all",
+        f"One of {TRAINABLE}: every parameter, or only the explanation extension (logits stay the base's).",
+        parse=str,
     )
     num_epochs: int = _field(3, "Passes over the training data (max_steps may stop earlier).", parse=int)
     max_steps: int | None = _field(
@@ -215,7 +237,27 @@ class TrainingConfig:
             self.removal_baseline,
             f"one of {BASELINE_KINDS}",
         )
-        for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "log_every"):
+        _check(
+            self.explanation_head is None or self.explanation_head in EXPLANATION_HEADS,
+            "explanation_head",
+            self.explanation_head,
+            f"one of {EXPLANATION_HEADS} or None",
+        )
+        _check(self.trainable in TRAINABLE, "trainable", self.trainable, f"one of {TRAINABLE}")
+        if self.trainable == "extension":
+            _check(
+                self.explanation_loss_weight > 0,
+                "explanation_loss_weight",
+                self.explanation_loss_weight,
+                '> 0 with trainable="extension" (only the explanation is trained)',
+            )
+        for name in (
+            "num_epochs",
+            "batch_size",
+            "explanation_extension_layers",
+            "gradient_accumulation_steps",
+            "log_every",
+        ):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 1, name, value, "a positive int")
         for name in ("max_steps", "eval_batch_size", "save_total_limit"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,8 +19,8 @@ from transformers import (
     PretrainedConfig,
     ViTConfig,
 )
-from transformers.utils import logging as transformers_logging
 
+from .._load_report import quiet_load_report
 from ..data import (
     default_image_processor,
 )
@@ -87,10 +87,19 @@ def _load_model(config: TrainingConfig, names: Sequence[str]) -> ViTForSelfExpla
     new_head = base_names != list(names)
     # A new label set re-initialises the classifier on purpose: transformers' load report would show it as a
     # size MISMATCH. It is silenced then, and anything else that did not load is reported below instead.
-    with _quiet_load_report() if new_head else contextlib.nullcontext():
+    head = {}
+    if config.explanation_head is not None:
+        head = {"explanation_head": config.explanation_head}
+        if config.explanation_head == "extension":
+            head["explanation_extension_layers"] = config.explanation_extension_layers
+    new_extension = config.explanation_head == "extension" and (
+        getattr(base_config, "explanation_head", "shared") != "extension"
+    )
+    with quiet_load_report() if new_head or new_extension else contextlib.nullcontext():
         model, info = ViTForSelfExplainingClassification.from_pretrained(
             config.base,
             revision=config.base_revision,
+            **head,
             # `num_labels` follows from `id2label` (passing both warns when the base has another label count).
             id2label=dict(enumerate(names)),
             label2id={name: i for i, name in enumerate(names)},
@@ -100,7 +109,12 @@ def _load_model(config: TrainingConfig, names: Sequence[str]) -> ViTForSelfExpla
     not_loaded = sorted(
         {_key_name(key) for kind in ("missing_keys", "mismatched_keys") for key in info.get(kind, ())}
     )
-    surprising = [key for key in not_loaded if not (new_head and key.startswith("classifier."))]
+    surprising = [
+        key
+        for key in not_loaded
+        if not (new_head and key.startswith("classifier."))
+        and not (new_extension and key.startswith("explainer."))
+    ]
     if surprising:
         logger.warning(
             "%s: these weights were not loaded from the base and start random: %s", config.base, surprising
@@ -135,25 +149,17 @@ def _load_model(config: TrainingConfig, names: Sequence[str]) -> ViTForSelfExpla
             "value": "probs",
             **(config.targets_info or {}),
         }
+    if config.trainable == "extension":
+        if model.explainer is None:
+            raise ValueError(
+                f'trainable="extension" needs an explanation extension: {config.base} has none; pass '
+                'explanation_head="extension".'
+            )
+        model.requires_grad_(False)
+        model.explainer.requires_grad_(True)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     return model
-
-
-@contextlib.contextmanager
-def _quiet_load_report() -> Iterator[None]:
-    """Drop transformers' load report (only it: a filter, not a log level, which would change what transformers
-    checks and logs) while a base is loaded with a classifier that is re-initialised on purpose."""
-    loading_logger = transformers_logging.get_logger("transformers.modeling_utils")
-
-    def not_the_report(record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in record.getMessage()
-
-    loading_logger.addFilter(not_the_report)
-    try:
-        yield
-    finally:
-        loading_logger.removeFilter(not_the_report)
 
 
 def _key_name(key: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -15,6 +16,7 @@ from torch import nn
 from transformers import AutoImageProcessor, PretrainedConfig, PreTrainedModel, ViTConfig
 from transformers.image_processing_base import ImageProcessingMixin
 
+from .._load_report import quiet_load_report
 from ..cards import IMAGE_PROCESSOR_ATTRIBUTE
 from ..errors import (
     ExplanationVectorError,
@@ -22,12 +24,12 @@ from ..errors import (
     MissingClassifierError,
     NotAModelError,
 )
-from ..modeling_self_explaining_vit import ViTForSelfExplainingClassification
+from ..modeling_self_explaining_vit import ViTExplanationExtension, ViTForSelfExplainingClassification
 from .alpha import AlphaFit, LayerAlpha, alpha_record
 from .checkpoint_keys import serialized_names
 from .checks import all_finite
 from .compatibility import check_compatible
-from .config import BASE_MODEL_ATTRIBUTE, VECTOR_CONFIG_NAME, ExplanationVectorConfig
+from .config import BASE_MODEL_ATTRIBUTE, VECTOR_CONFIG_NAME, ExplanationVectorConfig, extension_layers
 from .io import (
     _list_repo_files,
     classify_source,
@@ -130,31 +132,46 @@ def apply_explanation_vector(
         if not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}.")
     scale_of = _scale_of(alpha)
+    # A vector with an explanation extension gives a model without one an all-zero (identity) extension first.
+    layers = extension_layers(shapes)
 
     # Everything that can be checked from configs is checked before any weights are downloaded or read.
     if owned:
         source = str(model)
-        _check_config_before_loading(source, config, revision, token, cache_dir, local_files_only)
+        model_config = _check_config_before_loading(
+            source, config, revision, token, cache_dir, local_files_only
+        )
+        adds_extension = bool(layers) and model_config.get("explanation_head") != "extension"
     else:
         if getattr(model.config, "model_type", None) == config.model_type:  # else `_validate` says what it is
             _require_classifier_head(model)
-        name_map = _validate(model, config, shapes)
+        adds_extension = bool(layers) and getattr(model, "explainer", None) is None
+        # The extension's keys are checked against the extension the model gets, once it has it.
+        _validate(model, config, _without_extension(shapes) if adds_extension else shapes)
     if vector_source is not None:
         weights_file = resolve_vector_weights(vector_source, config, vector_download)
         deltas = iter_vector_tensors(weights_file, config, vector_source)
     else:
         deltas = iter(sorted(vector.tensors.items()))
     if owned:
-        # The loading info replaces from_pretrained's warning about a missing head: here it is an error.
-        model, loading_info = ViTForSelfExplainingClassification.from_pretrained(
-            source,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            **{**from_pretrained_kwargs, "output_loading_info": True},
+        extension = (
+            {"explanation_head": "extension", "explanation_extension_layers": layers}
+            if adds_extension
+            else {}
         )
+        # The loading info replaces from_pretrained's warning about a missing head: here it is an error.
+        with quiet_load_report() if adds_extension else contextlib.nullcontext():
+            model, loading_info = ViTForSelfExplainingClassification.from_pretrained(
+                source,
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                **{**from_pretrained_kwargs, **extension, "output_loading_info": True},
+            )
         _require_loaded_classifier(source, loading_info)
+        if adds_extension:
+            _zero_extension(model)
         name_map = _validate(model, config, shapes)
         # Carried along so that `save_pretrained` writes it too: the saved model then runs in `pipeline()`.
         image_processor = load_image_processor(source, revision, token, cache_dir, local_files_only)
@@ -172,10 +189,19 @@ def apply_explanation_vector(
         _stream_into(_named_tensors(target), name_map, deltas, scale_of)
     elif inplace and isinstance(model, ViTForSelfExplainingClassification):
         target = model
-        tensors = _named_tensors(target)
-        _copy_all_or_nothing(tensors, _updated_tensors(tensors, name_map, deltas, scale_of))
+        if adds_extension:
+            _add_zero_extension(target, layers)
+        try:
+            name_map = _validate(target, config, shapes)
+            tensors = _named_tensors(target)
+            _copy_all_or_nothing(tensors, _updated_tensors(tensors, name_map, deltas, scale_of))
+        except BaseException:
+            if adds_extension:  # all or nothing: the model leaves as it came
+                _remove_extension(target)
+            raise
     else:
-        target = _new_self_explaining_model(model)
+        target = _new_self_explaining_model(model, layers if adds_extension else 0)
+        name_map = _validate(target, config, shapes)
         _stream_into(_named_tensors(target), name_map, deltas, scale_of)
     provenance = {
         "vector": vector_source,
@@ -432,7 +458,7 @@ def _check_config_before_loading(
     token: str | bool | None,
     cache_dir: str | os.PathLike | None,
     local_files_only: bool,
-) -> None:
+) -> dict[str, Any]:
     """Reject an incompatible model from its config alone, before downloading its weights.
 
     The raw `config.json` is read as data: `AutoConfig` would consult the repo's `auto_map` and, for an unknown
@@ -465,6 +491,7 @@ def _check_config_before_loading(
             f"The explanation vector (base {vector_config.base_model!r}) does not fit {source}:\n  - "
             + "\n  - ".join(problems)
         )
+    return config_dict
 
 
 def _raise_if_vector_repo(source: str, hub: Mapping[str, Any], cause: BaseException | None) -> None:
@@ -489,14 +516,54 @@ def _warn_on_base_mismatch(config: PretrainedConfig, vector_config: ExplanationV
         )
 
 
-def _new_self_explaining_model(model: PreTrainedModel) -> ViTForSelfExplainingClassification:
-    """A `ViTForSelfExplainingClassification` holding copies of `model`'s tensors (the input is never written)."""
+def _without_extension(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    return {key: shape for key, shape in shapes.items() if not key.startswith("explainer.")}
+
+
+def _zero_extension(model: ViTForSelfExplainingClassification) -> None:
+    """An all-zero extension is the identity: the model explains as before, and θ + α·τ gives α·τ."""
+    with torch.no_grad():
+        for param in model.explainer.parameters():
+            param.zero_()
+
+
+def _add_zero_extension(model: ViTForSelfExplainingClassification, layers: int) -> None:
+    """Give a loaded self-explaining model an all-zero (identity) extension of `layers` blocks, in place."""
+    model.config.explanation_head = "extension"
+    model.config.explanation_extension_layers = layers
+    reference = model.classifier.weight
+    model.explainer = ViTExplanationExtension(model.config).to(device=reference.device, dtype=reference.dtype)
+    model.explainer.train(model.training)
+    _zero_extension(model)
+
+
+def _remove_extension(model: ViTForSelfExplainingClassification) -> None:
+    model.explainer = None
+    model.config.explanation_head = "shared"
+
+
+def _new_self_explaining_model(
+    model: PreTrainedModel, extension_layers: int = 0
+) -> ViTForSelfExplainingClassification:
+    """A `ViTForSelfExplainingClassification` holding copies of `model`'s tensors (the input is never written),
+    with an all-zero explanation extension of `extension_layers` blocks added when that is > 0."""
     config = copy.deepcopy(model.config)
     config.architectures = [ViTForSelfExplainingClassification.__name__]
+    if extension_layers:
+        config.explanation_head = "extension"
+        config.explanation_extension_layers = extension_layers
     # Build on the meta device: no memory is allocated for weights that are replaced right away.
     with torch.device("meta"):
         new = ViTForSelfExplainingClassification(config)
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    if extension_layers:
+        reference = model.classifier.weight
+        state.update(
+            {
+                f"explainer.{name}": torch.zeros(tensor.shape, dtype=reference.dtype, device=reference.device)
+                for name, tensor in new.explainer.state_dict().items()
+            }
+        )
     try:
         new.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:  # a subclass with extra or renamed weights: not a plain ViT classifier

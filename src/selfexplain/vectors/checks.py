@@ -52,6 +52,11 @@ ENCODINGS = ("dense", "sparse", "low_rank")
 _MAX_TENSOR_DIMS = 8
 # At most 6 digits, so `int()` of the index never meets Python's limit on long integer strings.
 _LAYER_KEY = re.compile(r"vit\.encoder\.layer\.(0|[1-9][0-9]{0,5})\.(.+)")
+#: Tensors of an explanation extension (`ViTExplanationExtension`), block index first.
+EXTENSION_PREFIX = "explainer."
+EXTENSION_KEY = re.compile(r"explainer\.blocks\.(0|[1-9][0-9]{0,5})\.(.+)")
+#: Most explanation-extension blocks a vector may carry (the extension is meant to be small).
+MAX_EXTENSION_LAYERS = 64
 
 
 def _json_depth(data: Any) -> int:
@@ -189,10 +194,21 @@ def _check_declared_tensors(config: ExplanationVectorConfig, source: str) -> Non
             f"{source}: `architecture` {fingerprint} does not describe a ViT transformers can build: {err!r}"
         ) from err
     num_layers, hidden = fingerprint["num_hidden_layers"], fingerprint["hidden_size"]
+    extension_shapes = _extension_shapes(json.dumps(fingerprint, sort_keys=True))
+    extension_blocks = {
+        int(match.group(1)) for key in config.tensors if (match := EXTENSION_KEY.fullmatch(key))
+    }
+    if extension_blocks and max(extension_blocks) >= MAX_EXTENSION_LAYERS:
+        raise InvalidExplanationVectorError(
+            f"{source}: the vector declares an explanation extension of {max(extension_blocks) + 1} blocks; at "
+            f"most {MAX_EXTENSION_LAYERS} are accepted."
+        )
 
     # The total first (Python ints, so giant shapes cannot overflow): the clearest message for a size attack.
     declared = sum(math.prod(spec["shape"]) for spec in config.tensors.values())
-    capacity = _parameter_capacity(config, layer_shapes, other_shapes)
+    capacity = _parameter_capacity(config, layer_shapes, other_shapes) + len(extension_blocks) * sum(
+        math.prod(shape) for shape in extension_shapes.values()
+    )
     if declared > capacity:
         largest = max(config.tensors, key=lambda k: math.prod(config.tensors[k]["shape"]))
         raise InvalidExplanationVectorError(
@@ -202,7 +218,11 @@ def _check_declared_tensors(config: ExplanationVectorConfig, source: str) -> Non
         )
     for key, spec in config.tensors.items():
         shape = tuple(spec["shape"])
-        expected = _expected_shape(key, shape, layer_shapes, other_shapes, num_layers, hidden)
+        extension = EXTENSION_KEY.fullmatch(key)
+        if extension:
+            expected = extension_shapes.get(extension.group(2))
+        else:
+            expected = _expected_shape(key, shape, layer_shapes, other_shapes, num_layers, hidden)
         if expected is None:
             raise InvalidExplanationVectorError(
                 f"{source}: tensor {key!r:.120} (shape {list(shape)}) is not a tensor of a ViT with this "
@@ -255,6 +275,24 @@ def _expected_shape(
 
 
 @functools.lru_cache(maxsize=16)
+def _extension_shapes(architecture_json: str) -> dict[str, tuple[int, ...]]:
+    """`{per-block suffix: shape}` of an explanation-extension block for this architecture (meta device)."""
+    fields = {
+        **json.loads(architecture_json),
+        "num_hidden_layers": 1,
+        "num_labels": 1,
+        "explanation_head": "extension",
+        "explanation_extension_layers": 1,
+    }
+    with torch.device("meta"):
+        model = ViTForSelfExplainingClassification(ViTConfig(**fields))
+    return {
+        name.removeprefix("blocks.0."): tuple(tensor.shape)
+        for name, tensor in model.explainer.state_dict().items()
+    }
+
+
+@functools.lru_cache(maxsize=16)
 def _architecture_shapes(
     architecture_json: str,
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
@@ -270,6 +308,8 @@ def _architecture_shapes(
     layer_shapes, other_shapes = {}, {}
     for serialized, name in serialized_names(model).items():
         layer = _LAYER_KEY.fullmatch(serialized)
+        if serialized.startswith(EXTENSION_PREFIX):
+            continue
         if layer:
             layer_shapes[layer.group(2)] = tuple(state[name].shape)
         else:

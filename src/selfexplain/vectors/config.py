@@ -5,28 +5,41 @@ architecture fingerprint that decides whether a vector fits a model.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from ..errors import InvalidExplanationVectorError
-from .checks import _MAX_TENSOR_DIMS, _check_architecture, _check_tensor_encoding, _is_int
+from .checks import (
+    _MAX_TENSOR_DIMS,
+    EXTENSION_KEY,
+    EXTENSION_PREFIX,
+    _check_architecture,
+    _check_tensor_encoding,
+    _is_int,
+)
 from .compression import VectorCompression
 
 VECTOR_WEIGHTS_NAME = "explanation_vector.safetensors"
 VECTOR_CONFIG_NAME = "explanation_vector_config.json"
 #: The newest format this library reads. 1: dense tensors. 2: tensors may be sparse or low-rank (`compression`).
-#: A dense vector is still written as format 1, so that older selfexplain versions keep reading it.
-FORMAT_VERSION = 2
+#: 3: the vector may carry an explanation extension (`explainer.blocks.N.*` tensors, see
+#: `ViTExplanationExtension`). Each vector is written in the oldest format that holds it, so that older
+#: selfexplain versions keep reading what they can apply, and refuse the rest with "upgrade selfexplain".
+FORMAT_VERSION = 3
 #: The format of a vector whose tensors are all dense.
 DENSE_FORMAT_VERSION = 1
+#: The format of a compressed vector (without an extension).
+COMPRESSED_FORMAT_VERSION = 2
+#: The format of a vector with an explanation extension.
+EXTENSION_FORMAT_VERSION = 3
 #: Config attribute in which selfexplain records the base a model was fine-tuned from.
 BASE_MODEL_ATTRIBUTE = "selfexplain_base_model"
 
 
-DEFAULT_INCLUDE: tuple[str, ...] = ("vit.*",)
+DEFAULT_INCLUDE: tuple[str, ...] = ("vit.*", "explainer.*")
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -137,4 +150,27 @@ class ExplanationVectorConfig:
                     f"{source}: tensor {key!r} has `dtype` {dtype!r:.40}; expected one of {sorted(STORAGE_DTYPES)}."
                 )
             _check_tensor_encoding(key, spec, version, source)
+            if key.startswith(EXTENSION_PREFIX) and version < EXTENSION_FORMAT_VERSION:
+                raise InvalidExplanationVectorError(
+                    f"{source}: tensor {key!r:.120} belongs to an explanation extension, which needs "
+                    f"format_version {EXTENSION_FORMAT_VERSION} (the config says {version})."
+                )
         return cls(**kwargs)
+
+    @property
+    def extension_layers(self) -> int:
+        """Blocks of the explanation extension the vector carries (0: none), read from its tensor keys."""
+        return extension_layers(self.tensors)
+
+
+def extension_layers(keys: Iterable[str]) -> int:
+    """Number of explanation-extension blocks that tensor keys `explainer.blocks.N.*` name (0 when none)."""
+    indices = [int(match.group(1)) for key in keys if (match := EXTENSION_KEY.fullmatch(key))]
+    return max(indices) + 1 if indices else 0
+
+
+def format_version_for(keys: Iterable[str], compressed: bool) -> int:
+    """The oldest format that holds a vector with these tensor keys (compressed or not)."""
+    if extension_layers(keys):
+        return EXTENSION_FORMAT_VERSION
+    return COMPRESSED_FORMAT_VERSION if compressed else DENSE_FORMAT_VERSION

@@ -26,16 +26,16 @@ from ..errors import InvalidExplanationVectorError
 from ..hub import publish_folder
 from .apply import apply_explanation_vector
 from .checkpoint_keys import serialized_state_dict
+from .checks import EXTENSION_PREFIX
 from .compatibility import architecture_fingerprint, check_compatible
 from .compression import VectorCompression, encode_tensors
 from .config import (
     DEFAULT_INCLUDE,
-    DENSE_FORMAT_VERSION,
-    FORMAT_VERSION,
     STORAGE_DTYPES,
     VECTOR_CONFIG_NAME,
     VECTOR_WEIGHTS_NAME,
     ExplanationVectorConfig,
+    format_version_for,
 )
 from .io import iter_vector_tensors, load_vector_config, resolve_vector_weights, write_files_atomically
 from .merging import (
@@ -99,7 +99,9 @@ class ExplanationVector:
         """τ = θ(self_explaining) − θ(prediction_only) over the serialized keys matching `include` and not `exclude`.
 
         `include`/`exclude` are `fnmatch` patterns on serialized names; the default covers the backbone (`vit.*`)
-        and leaves out the classifier, whose label set differs between source and target.
+        and the explanation extension (`explainer.*`), and leaves out the classifier, whose label set differs
+        between source and target. A prediction-only model without the self-explaining model's extension counts
+        as having an all-zero one (which is the identity), so the vector carries the extension's weights whole.
         """
         fingerprint = architecture_fingerprint(self_explaining.config)
         mismatch = check_compatible(
@@ -118,6 +120,9 @@ class ExplanationVector:
             raise ValueError(f"No parameter matches include={list(include)} and exclude={list(exclude)}.")
         tensors = {}
         for key in keys:
+            if key.startswith(EXTENSION_PREFIX) and key not in predicting_state:
+                tensors[key] = explaining_state[key].detach().float().cpu().clone()
+                continue
             if key not in predicting_state or predicting_state[key].shape != explaining_state[key].shape:
                 raise InvalidExplanationVectorError(
                     f"`prediction_only` has no tensor {key!r} of the same shape."
@@ -356,7 +361,7 @@ class ExplanationVector:
             config.storage_dtype = _dtype_name(storage_dtype)
         dtype = STORAGE_DTYPES[config.storage_dtype]
         if compression is None:
-            config.format_version, config.compression = DENSE_FORMAT_VERSION, None
+            config.format_version, config.compression = format_version_for(self.tensors, False), None
             config.tensors = {
                 k: {"shape": list(v.shape), "dtype": config.storage_dtype}
                 for k, v in sorted(self.tensors.items())
@@ -365,7 +370,8 @@ class ExplanationVector:
         else:
             settings = VectorCompression.parse(compression)
             tensors, config.tensors = encode_tensors(self.tensors, settings, dtype)
-            config.format_version, config.compression = FORMAT_VERSION, settings.to_dict()
+            config.format_version = format_version_for(self.tensors, True)
+            config.compression = settings.to_dict()
         # Only now, with every setting checked and the tensors encoded: a refused save leaves no folder behind.
         save_directory.mkdir(parents=True, exist_ok=True)
         # Written into a temporary folder inside `save_directory` and renamed into place: an interrupted save never
