@@ -36,14 +36,14 @@ SOURCE = "mnist"
 #: name → (changes to the `extension` suite's config, what the change tests)
 VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "suite recipe": ({}, "1 block, 8 coalitions/image, 10 epochs, lr 1e-3 (the suite's model, reused)"),
+    "32 coalitions": ({"coalitions_per_image": 32}, "objective noise: 4x the coalitions per image and step"),
+    "30 epochs": ({"explanation_train": {"num_epochs": 30}}, "training length: 3x the epochs"),
     "2 coalitions": (
         {"coalitions_per_image": 2},
         "the shared-head suite's 2 coalitions/image (the head compared at equal supervision)",
     ),
     "lr 3e-3": ({"explanation_train": {"learning_rate": 3e-3}}, "optimisation: a larger step"),
     "2 blocks": ({"explanation_extension_layers": 2}, "capacity: a second block"),
-    "32 coalitions": ({"coalitions_per_image": 32}, "objective noise: 4x the coalitions per image and step"),
-    "30 epochs": ({"explanation_train": {"num_epochs": 30}}, "training length: 3x the epochs"),
     "Kernel SHAP targets": (
         {"explanation_objective": "targets", "target_budget": 128, "explanation_loss_weight": 1.0},
         "supervision: fit precomputed Kernel SHAP values (budget 128, MSE) instead of the amortised objective",
