@@ -38,6 +38,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "suite recipe": ({}, "1 block, 8 coalitions/image, 10 epochs, lr 1e-3 (the suite's model, reused)"),
     "32 coalitions": ({"coalitions_per_image": 32}, "objective noise: 4x the coalitions per image and step"),
     "30 epochs": ({"explanation_train": {"num_epochs": 30}}, "training length: 3x the epochs"),
+    "60 epochs": ({"explanation_train": {"num_epochs": 60}}, "training length: 6x the epochs"),
     "2 coalitions": (
         {"coalitions_per_image": 2},
         "the shared-head suite's 2 coalitions/image (the head compared at equal supervision)",
@@ -184,8 +185,9 @@ def write(rows: list[dict], args, wall: float) -> None:
     lines = [
         "# Explanation extension: what limits its in-domain fidelity (MNIST)",
         "",
-        f"Produced by `{command}` on top of `selfexplain experiment --config extension`; wall time "
-        f"{wall / 60:.1f} min on {_environment(args.workers)['machine']}. Every variant trains an extension "
+        f"Produced by `{command}` on top of `selfexplain experiment --config extension`; this invocation's wall "
+        f"time {wall / 60:.1f} min on {_environment(args.workers)['machine']} (variants already trained are read "
+        "back: their training CPU time below is the one recorded when they were trained). Every variant trains an extension "
         '(`trainable="extension"`) on the suite\'s frozen prediction-only MNIST classifier (so every variant predicts '
         "exactly as it does) with one change to the suite's recipe; scored on the suite's MNIST test images against "
         "the suite's Kernel SHAP reference (2048 evaluations, 48 images) and its budget curve (B*). Train CPU: the "
