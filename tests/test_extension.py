@@ -192,6 +192,24 @@ def test_the_vector_carries_the_extension_and_rebuilds_the_self_explaining_model
     assert ExplanationVector.from_pretrained(tmp_path / "small").config.extension_layers == 1
 
 
+def test_the_command_line_extracts_the_extension_and_can_store_it_alone(trained_extension, tmp_path):
+    from selfexplain.cli import main
+
+    pred_dir, se_dir = trained_extension
+    common = ["extract-vector", "--self-explaining", str(se_dir), "--prediction-only", str(pred_dir)]
+    assert main([*common, "--output-dir", str(tmp_path / "all")]) == 0
+    assert main([*common, "--include", "explainer.*", "--output-dir", str(tmp_path / "alone")]) == 0
+    every = ExplanationVector.from_pretrained(tmp_path / "all")
+    alone = ExplanationVector.from_pretrained(tmp_path / "alone")
+    assert every.config.extension_layers == alone.config.extension_layers == 1
+    assert set(alone.tensors) == {k for k in every.tensors if k.startswith("explainer.")}
+    x = pixels(2)
+    with torch.no_grad():
+        a = apply_explanation_vector(str(pred_dir), tmp_path / "all", alpha=1.0).eval()(x, explain="all")
+        b = apply_explanation_vector(str(pred_dir), tmp_path / "alone", alpha=1.0).eval()(x, explain="all")
+    assert torch.equal(a.explanation, b.explanation)  # the backbone deltas of a frozen backbone are zero
+
+
 def test_an_in_place_update_that_fails_removes_the_extension_it_added(trained_extension):
     pred_dir, se_dir = trained_extension
     vector = ExplanationVector.from_models(

@@ -14,7 +14,7 @@ from ..errors import NotAModelError, NotAnExplanationVectorError
 from ..evaluation.alpha_fitting import AlphaFit, fit_alpha
 from ..hub import publish_folder
 from ..vectors.apply import apply_explanation_vector
-from ..vectors.config import BASE_MODEL_ATTRIBUTE
+from ..vectors.config import BASE_MODEL_ATTRIBUTE, DEFAULT_INCLUDE
 from ..vectors.vector import ExplanationVector
 from ._common import (
     IMAGE_SUFFIXES,
@@ -45,7 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-model-revision", default=None)
     p.add_argument("--alpha", type=float, default=1.0, help="Recommended α stored with the vector.")
     p.add_argument(
-        "--include", nargs="+", default=["vit.*"], help="fnmatch patterns of serialized keys to include."
+        "--include",
+        nargs="+",
+        default=list(DEFAULT_INCLUDE),
+        help="fnmatch patterns of serialized keys to include (default: the backbone and the explanation "
+        "extension, if the model has one; `explainer.*` alone stores only an extension).",
     )
     p.add_argument("--exclude", nargs="*", default=[], help="fnmatch patterns of serialized keys to exclude.")
     p.add_argument("--storage-dtype", choices=["float32", "float16", "bfloat16"], default="float32")

@@ -57,7 +57,8 @@ class TrainingConfig:
         explanation_extension_layers: blocks of a new extension (``explanation_head="extension"``).
         trainable: ``"all"`` parameters, or only the ``"extension"``: backbone and classifier stay frozen, so
             the trained model predicts exactly as ``base`` (use a fine-tuned classifier as ``base`` and as
-            ``value_model``); its explanation vector is then the extension alone.
+            ``value_model``); its explanation vector then changes only the extension (its backbone deltas
+            are zero; `include=("explainer.*",)` stores the extension alone).
         num_epochs: passes over the training data (``max_steps`` may stop earlier).
         max_steps: total optimizer steps; when set, it defines the length of the schedule.
         batch_size: examples per device per micro-batch. Global batch =
