@@ -126,11 +126,14 @@ def test_classifier_where_a_vector_was_expected_and_vice_versa(published):
         ViTForSelfExplainingClassification.from_pretrained("org/vector", revision=published["vector_sha"])
 
 
-def test_vector_for_another_architecture_is_refused_before_downloading_weights(hub, tmp_path):
+def test_vector_for_another_architecture_is_refused_before_downloading_weights(hub, published, tmp_path):
+    # `published` puts org/vector on the Hub: under a random test order nothing else may have done it yet.
     tiny_classifier(hidden_size=48).save_pretrained(tmp_path / "wide")
     sha = hub.create_repo_from_folder("org/wide-classifier", tmp_path / "wide")
     with pytest.raises(IncompatibleExplanationVectorError, match="hidden_size: vector 32, model 48"):
-        apply_explanation_vector("org/wide-classifier", "org/vector", revision=sha)
+        apply_explanation_vector(
+            "org/wide-classifier", "org/vector", revision=sha, vector_revision=published["vector_sha"]
+        )
     assert hub.download_count("org/wide-classifier", "model.safetensors") == 0
 
 
