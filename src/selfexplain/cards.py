@@ -80,6 +80,7 @@ def render_model_card(
     base_model: str | None = None,
     applied_vector: str | None = None,
     alpha: float | None = None,
+    resized: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     label_names: list[str] | None = None,
     training: dict[str, Any] | None = None,
@@ -105,6 +106,8 @@ def render_model_card(
         repo_id=repo_id,
         applied_vector=applied_vector,
         alpha=alpha,
+        resized_from="×".join(str(n) for n in resized["from"]) if resized else None,
+        resized_to="×".join(str(n) for n in resized["to"]) if resized else None,
         metrics_table=_metrics_table(metrics),
         label_names=label_names,
         prediction_only=prediction_only,
@@ -135,6 +138,7 @@ def write_applied_model_files(
         base_model=applied.get("vector_base_model"),
         applied_vector=applied.get("vector") or "an explanation vector in memory",
         alpha=_alpha_text(applied.get("alpha"), applied.get("alpha_fit")),
+        resized=applied.get("resized_position_embeddings"),
     )
     card.save(os.path.join(save_directory, "README.md"))
 

@@ -91,6 +91,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--global-alpha", action="store_true", help="--fit-alpha-on fits one α, not one per block."
     )
+    p.add_argument(
+        "--resize-position-embeddings",
+        action="store_true",
+        help="Allow a model at another image size than the vector's (same patch size): the vector's position "
+        "embeddings are resized to the model's patch grid, as transformers interpolates them.",
+    )
     p.add_argument("--revision", default=None, help="Revision of --model.")
     p.add_argument("--vector-revision", default=None, help="Revision of --vector.")
     p.add_argument("--output-dir", required=True, type=Path)
@@ -160,6 +166,7 @@ def _cmd_apply(args: argparse.Namespace) -> None:
             args.model,
             args.vector,
             alpha=alpha,
+            resize_position_embeddings=args.resize_position_embeddings,
             revision=args.revision,
             vector_revision=args.vector_revision,
         )
@@ -202,6 +209,7 @@ def _fit_alpha(args: argparse.Namespace) -> AlphaFit:
         per_layer=not args.global_alpha,
         min_agreement=args.min_agreement,
         max_images=args.fit_alpha_max_images,
+        resize_position_embeddings=args.resize_position_embeddings,
     )
 
 

@@ -47,6 +47,7 @@ def fit_alpha(
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = True,
+    resize_position_embeddings: bool = False,
 ) -> AlphaFit:
     """Choose α (per block, or one global α with ``per_layer=False``) for ``vector`` on ``model`` from unlabelled
     target images: the largest own-map faithfulness with the model's predictions kept.
@@ -65,6 +66,7 @@ def fit_alpha(
         baseline, auc_steps, batch_size: as in :func:`selfexplain.evaluation.metrics.insertion_deletion_auc`.
         seed: the subset's seed.
         progress: a progress bar over the candidates.
+        resize_position_embeddings: as in `apply_explanation_vector`, for a model at another image size.
 
     Returns:
         An :class:`AlphaFit`; ``fit.alpha`` is a `LayerAlpha` with ``per_layer`` (or the global float without).
@@ -82,7 +84,9 @@ def fit_alpha(
     if isinstance(vector, (str, os.PathLike)):
         vector = ExplanationVector.from_pretrained(vector)
     if isinstance(model, (str, os.PathLike)):  # once: every candidate below starts from the loaded model
-        model = apply_explanation_vector(model, vector, alpha=0.0)
+        model = apply_explanation_vector(
+            model, vector, alpha=0.0, resize_position_embeddings=resize_position_embeddings
+        )
     pixel_values = _pixel_values(model, images, image_processor)
     if max_images is not None and len(pixel_values) > max_images:
         keep = torch.randperm(len(pixel_values), generator=torch.Generator().manual_seed(seed))[:max_images]
@@ -91,7 +95,9 @@ def fit_alpha(
     counter = _ForwardCounter()
 
     with torch.inference_mode():
-        reference = apply_explanation_vector(model, vector, alpha=0.0).eval()
+        reference = apply_explanation_vector(
+            model, vector, alpha=0.0, resize_position_embeddings=resize_position_embeddings
+        ).eval()
         with counter.watch(reference):
             original = reference(pixel_values, explain=None).logits.argmax(-1)
 
@@ -102,7 +108,10 @@ def fit_alpha(
         key = (*alpha.blocks, alpha.other)
         if key not in cache:
             patched = apply_explanation_vector(
-                model, vector, alpha=alpha if not alpha.is_uniform else alpha.other
+                model,
+                vector,
+                alpha=alpha if not alpha.is_uniform else alpha.other,
+                resize_position_embeddings=resize_position_embeddings,
             )
             patched.eval()
             with torch.inference_mode(), counter.watch(patched):

@@ -80,6 +80,9 @@ class ExperimentConfig:
     trainable: str = "all"
     # Recipe settings for the self-explaining run only (e.g. its own learning rate), over `train`.
     explanation_train: dict[str, Any] = field(default_factory=dict)
+    # Targets at another image size than the sources (same patch size): vectors are applied with their position
+    # embeddings resized to the target's patch grid (`apply_explanation_vector(resize_position_embeddings=True)`).
+    resize_position_embeddings: bool = False
     # Explanations and Shapley values live on the model's patch grid unless a coarser grid is given.
     player_grid: list[int] | None = None
     target_budget: int = 128
@@ -368,7 +371,9 @@ class Experiment:
             vector = self.vector(seed, source)
             sweep = {}
             for alpha in cfg.alphas:
-                patched = apply_explanation_vector(model, vector, alpha=alpha).eval()
+                patched = apply_explanation_vector(
+                    model, vector, alpha=alpha, resize_position_embeddings=cfg.resize_position_embeddings
+                ).eval()
                 with torch.inference_mode():
                     patched_pred = patched(x, explain=None).logits.argmax(-1)
                     select_agree = patched(x_sel, explain=None).logits.argmax(-1) == model(

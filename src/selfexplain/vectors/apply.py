@@ -38,6 +38,7 @@ from .io import (
     offline_message,
     resolve_vector_weights,
 )
+from .resolution import grid_change, resized_shapes, resizing_deltas
 
 if TYPE_CHECKING:
     from .vector import ExplanationVector
@@ -51,6 +52,7 @@ def apply_explanation_vector(
     alpha: float | LayerAlpha | AlphaFit | Mapping[str, Any] | None = None,
     *,
     inplace: bool = False,
+    resize_position_embeddings: bool = False,
     revision: str | None = None,
     vector_revision: str | None = None,
     token: str | bool | None = None,
@@ -70,6 +72,11 @@ def apply_explanation_vector(
             `AlphaFit` that `fit_alpha` returns applies its α and records the fit in the config and card.
         inplace: update a loaded `ViTForSelfExplainingClassification` in place instead of returning a new model.
             A `ViTForImageClassification` is never changed: a new self-explaining model is returned.
+        resize_position_embeddings: allow a model whose image size (so patch grid) differs from the vector's,
+            e.g. a 384 px fine-tune of the vector's 224 px backbone: the vector's position-embedding delta is
+            resized to the model's patch grid (bicubic, class row kept, as transformers interpolates position
+            embeddings) and the resize is recorded in the config and card. The patch size must still match.
+            Off by default: a vector is validated at its own resolution unless asked.
         revision / vector_revision / token / cache_dir / local_files_only: Hub options for `model` / `vector`.
         from_pretrained_kwargs: passed to `from_pretrained` when `model` is an id or folder (e.g. `dtype`).
 
@@ -138,21 +145,28 @@ def apply_explanation_vector(
     # Everything that can be checked from configs is checked before any weights are downloaded or read.
     if owned:
         source = str(model)
-        model_config = _check_config_before_loading(
-            source, config, revision, token, cache_dir, local_files_only
+        model_config, change = _check_config_before_loading(
+            source, config, revision, token, cache_dir, local_files_only, resize_position_embeddings
         )
         adds_extension = bool(layers) and model_config.get("explanation_head") != "extension"
+        if change is not None:
+            shapes = resized_shapes(shapes, change[1])
     else:
         if getattr(model.config, "model_type", None) == config.model_type:  # else `_validate` says what it is
             _require_classifier_head(model)
         adds_extension = bool(layers) and getattr(model, "explainer", None) is None
+        change = grid_change(config.architecture, model.config) if resize_position_embeddings else None
+        if change is not None:
+            shapes = resized_shapes(shapes, change[1])
         # The extension's keys are checked against the extension the model gets, once it has it.
-        _validate(model, config, _without_extension(shapes) if adds_extension else shapes)
+        _validate(model, config, _without_extension(shapes) if adds_extension else shapes, change)
     if vector_source is not None:
         weights_file = resolve_vector_weights(vector_source, config, vector_download)
         deltas = iter_vector_tensors(weights_file, config, vector_source)
     else:
         deltas = iter(sorted(vector.tensors.items()))
+    if change is not None:
+        deltas = resizing_deltas(deltas, *change)
     if owned:
         extension = (
             {"explanation_head": "extension", "explanation_extension_layers": layers}
@@ -172,7 +186,7 @@ def apply_explanation_vector(
         _require_loaded_classifier(source, loading_info)
         if adds_extension:
             _zero_extension(model)
-        name_map = _validate(model, config, shapes)
+        name_map = _validate(model, config, shapes, change)
         # Carried along so that `save_pretrained` writes it too: the saved model then runs in `pipeline()`.
         image_processor = load_image_processor(source, revision, token, cache_dir, local_files_only)
     else:
@@ -192,7 +206,7 @@ def apply_explanation_vector(
         if adds_extension:
             _add_zero_extension(target, layers)
         try:
-            name_map = _validate(target, config, shapes)
+            name_map = _validate(target, config, shapes, change)
             tensors = _named_tensors(target)
             _copy_all_or_nothing(tensors, _updated_tensors(tensors, name_map, deltas, scale_of))
         except BaseException:
@@ -201,7 +215,7 @@ def apply_explanation_vector(
             raise
     else:
         target = _new_self_explaining_model(model, layers if adds_extension else 0)
-        name_map = _validate(target, config, shapes)
+        name_map = _validate(target, config, shapes, change)
         _stream_into(_named_tensors(target), name_map, deltas, scale_of)
     provenance = {
         "vector": vector_source,
@@ -210,6 +224,8 @@ def apply_explanation_vector(
     }
     if fit_record is not None:
         provenance["alpha_fit"] = fit_record
+    if change is not None:
+        provenance["resized_position_embeddings"] = {"from": list(change[0]), "to": list(change[1])}
     target.config.selfexplain_applied_vector = provenance
     if image_processor is not None:
         setattr(target, IMAGE_PROCESSOR_ATTRIBUTE, image_processor)
@@ -427,10 +443,17 @@ def _require_loaded_classifier(source: str, loading_info: Mapping[str, Any]) -> 
 
 
 def _validate(
-    model: PreTrainedModel, config: ExplanationVectorConfig, shapes: Mapping[str, tuple[int, ...]]
+    model: PreTrainedModel,
+    config: ExplanationVectorConfig,
+    shapes: Mapping[str, tuple[int, ...]],
+    change: tuple[tuple[int, int], tuple[int, int]] | None = None,
 ) -> dict[str, str]:
-    """Check the vector's architecture, keys and shapes against `model`; return serialized → model names."""
-    problems = check_compatible(config.architecture, config.model_type, model.config)
+    """Check the vector's architecture, keys and shapes against `model`; return serialized → model names.
+
+    `change`: the (vector, model) patch grids when the position embeddings are resized (`shapes` are then the
+    resized ones and the image size is not compared).
+    """
+    problems = _architecture_problems(config, model.config, change)
     name_map = serialized_names(model)
     state_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing, wrong_shape = [], []
@@ -451,6 +474,24 @@ def _validate(
     return name_map
 
 
+def _architecture_problems(
+    config: ExplanationVectorConfig,
+    model_config: PretrainedConfig,
+    change: tuple[tuple[int, int], tuple[int, int]] | None,
+) -> list[str]:
+    """Every architecture difference; the image size is allowed to differ when the vector is being resized."""
+    fingerprint = dict(config.architecture)
+    if change is not None:
+        fingerprint.pop("image_size", None)
+    problems = check_compatible(fingerprint, config.model_type, model_config)
+    if change is None and grid_change(config.architecture, model_config) is not None:
+        problems.append(
+            "only the image size differs: pass resize_position_embeddings=True (CLI: --resize-position-embeddings) "
+            "to resize the vector's position embeddings to the model's patch grid, as transformers interpolates them"
+        )
+    return problems
+
+
 def _check_config_before_loading(
     source: str,
     vector_config: ExplanationVectorConfig,
@@ -458,8 +499,11 @@ def _check_config_before_loading(
     token: str | bool | None,
     cache_dir: str | os.PathLike | None,
     local_files_only: bool,
-) -> dict[str, Any]:
+    resize: bool = False,
+) -> tuple[dict[str, Any], tuple[tuple[int, int], tuple[int, int]] | None]:
     """Reject an incompatible model from its config alone, before downloading its weights.
+
+    Returns the raw config and, with `resize`, the (vector, model) patch grids when only the image size differs.
 
     The raw `config.json` is read as data: `AutoConfig` would consult the repo's `auto_map` and, for an unknown
     model type, offer to run the repo's code; this never imports anything from the repo.
@@ -480,18 +524,19 @@ def _check_config_before_loading(
             "head (no `classifier` weights), so applying a vector would give it a random one. "
             + _FINE_TUNE_FIRST.format(base=source)
         )
+    change = None
     if model_type != vector_config.model_type:
         problems = [f"model_type: vector {vector_config.model_type!r}, model {model_type!r}"]
     else:
-        problems = check_compatible(
-            vector_config.architecture, vector_config.model_type, ViTConfig.from_dict(config_dict)
-        )
+        model_config = ViTConfig.from_dict(config_dict)
+        change = grid_change(vector_config.architecture, model_config) if resize else None
+        problems = _architecture_problems(vector_config, model_config, change)
     if problems:
         raise IncompatibleExplanationVectorError(
             f"The explanation vector (base {vector_config.base_model!r}) does not fit {source}:\n  - "
             + "\n  - ".join(problems)
         )
-    return config_dict
+    return config_dict, change
 
 
 def _raise_if_vector_repo(source: str, hub: Mapping[str, Any], cause: BaseException | None) -> None:
