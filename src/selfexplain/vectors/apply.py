@@ -484,12 +484,30 @@ def _architecture_problems(
     if change is not None:
         fingerprint.pop("image_size", None)
     problems = check_compatible(fingerprint, config.model_type, model_config)
+    problems += _family_notes(getattr(model_config, "model_type", None), config.model_type)
     if change is None and grid_change(config.architecture, model_config) is not None:
         problems.append(
             "only the image size differs: pass resize_position_embeddings=True (CLI: --resize-position-embeddings) "
             "to resize the vector's position embeddings to the model's patch grid, as transformers interpolates them"
         )
     return problems
+
+
+#: Why a model family that looks like a ViT classifier is not one a ViT vector can patch.
+_UNSUPPORTED_FAMILIES = {
+    "deit": (
+        "DeiT checkpoints of model_type 'deit' (DeiTForImageClassification, DeiTForImageClassificationWithTeacher) "
+        "are not supported: beside the class token they carry a distillation token (position embeddings with 2 + "
+        "patches rows, a `distillation_token` tensor), and the distilled ones predict the mean of two heads, so a "
+        "ViT vector's tensors do not fit them and their predictions are not what a ViT vector was trained to "
+        "explain. A DeiT saved as a ViT classifier (model_type 'vit', ViTForImageClassification) is one and works"
+    ),
+}
+
+
+def _family_notes(model_type: str | None, vector_model_type: str) -> list[str]:
+    note = _UNSUPPORTED_FAMILIES.get(model_type) if model_type != vector_model_type else None
+    return [note] if note else []
 
 
 def _check_config_before_loading(
@@ -527,6 +545,7 @@ def _check_config_before_loading(
     change = None
     if model_type != vector_config.model_type:
         problems = [f"model_type: vector {vector_config.model_type!r}, model {model_type!r}"]
+        problems += _family_notes(model_type, vector_config.model_type)
     else:
         model_config = ViTConfig.from_dict(config_dict)
         change = grid_change(vector_config.architecture, model_config) if resize else None
