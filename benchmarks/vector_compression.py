@@ -18,6 +18,7 @@ Writes a Markdown table (with the command) to ``docs/results/vector_compression.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import platform
@@ -115,8 +116,18 @@ def measure_pair(
             )
         )
         for setting in settings:
+            kept_keys, save_kwargs = parse_setting(setting)
+            candidate = vector
+            if kept_keys is not None:
+                tensors = {k: v for k, v in vector.tensors.items() if k.startswith(kept_keys)}
+                if not tensors:
+                    print(
+                        f"seed {seed} {source}: {setting}: no {kept_keys}* tensors, skipped", file=sys.stderr
+                    )
+                    continue
+                candidate = ExplanationVector(tensors, copy.deepcopy(vector.config))
             folder = Path(tmp) / setting.replace(":", "_").replace("+", "_")
-            vector.save_pretrained(folder, compression=setting, model_card=False)
+            candidate.save_pretrained(folder, model_card=False, **save_kwargs)
             size = (folder / VECTOR_WEIGHTS_NAME).stat().st_size
             gain, kept = gain_of(ExplanationVector.from_pretrained(folder))
             rows.append(
@@ -125,6 +136,28 @@ def measure_pair(
                 )
             )
     return rows
+
+
+#: Setting words that are not compression: store the explanation extension alone (the backbone's deltas of a
+#: vector trained with a frozen backbone are exactly zero), or store in half precision.
+_KEY_PREFIXES = {"extension": "explainer."}
+_STORAGE = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+def parse_setting(setting: str) -> tuple[str | None, dict]:
+    """``"extension+fp16+low_rank:8"`` → (the key prefix kept, `save_pretrained` keyword arguments)."""
+    prefix, kwargs, compression = None, {}, []
+    for word in setting.split("+"):
+        if word in _KEY_PREFIXES:
+            prefix = _KEY_PREFIXES[word]
+        elif word in _STORAGE:
+            kwargs["storage_dtype"] = _STORAGE[word]
+        else:
+            compression.append(word)
+    if compression:
+        kwargs["compression"] = "+".join(compression)
+        VectorCompression.parse(kwargs["compression"])
+    return prefix, kwargs
 
 
 def _row(seed, source, target, setting, size, dense_bytes, gain, dense_gain, kept, alpha, note) -> dict:
@@ -197,7 +230,9 @@ def render(rows: list[dict], command: str, elapsed: float) -> str:
         "Settings: `top_k:d` keeps the fraction d of each tensor's largest-magnitude entries (int16/32 indices +",
         "fp32 values); `dare:p` drops each entry with probability p and rescales the rest by 1/(1 − p) (seed 0);",
         "`low_rank:r` stores each matrix as a rank-r truncated SVD (biases and LayerNorm dense); `+` combines a",
-        "low-rank setting for the matrices with a sparse one for the other tensors (docs/design.md §8).",
+        "low-rank setting for the matrices with a sparse one for the other tensors (docs/design.md §8); `extension`",
+        "stores the explanation extension's tensors alone (`explainer.*`: a vector whose backbone was frozen has",
+        "all-zero backbone deltas), `fp16` / `bf16` store in half precision.",
         "",
     ]
     return "\n".join(lines)
@@ -227,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     for setting in args.settings:
-        VectorCompression.parse(setting)  # refuse a typo before hours of work
+        parse_setting(setting)  # refuse a typo before hours of work
     overrides = {"output_dir": str(args.work.parent), "num_eval": args.num_eval}
     config = ExperimentConfig.from_json_file(_config_path(args.config), **overrides)
     experiment = Experiment(config, log=lambda message: None)
