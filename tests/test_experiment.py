@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 # Margins below what the demo measured (see the closing lines of each test's docstring and the README).
@@ -123,3 +125,43 @@ def test_quickstart_notebook_runs(demo):
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "insertion" in text and "deletion" in text
+
+
+def test_kernel_shap_values_are_cached_by_what_they_depend_on(tmp_path):
+    """The suite's references and budget curves are read back when the same computation comes again (a rerun,
+    or another suite on the same prediction-only models), and recomputed when anything they depend on differs."""
+    from selfexplain.experiments.experiment import Experiment, ExperimentConfig
+    from tests._tiny import pixels, tiny_self_explaining
+
+    config = ExperimentConfig(
+        name="cache",
+        sources=["mnist"],
+        targets=["digits"],
+        output_dir=str(tmp_path / "suite"),
+        base={"image_size": 16, "patch_size": 4},
+        baseline="zero",
+    )
+    experiment = Experiment(config, log=lambda message: None)
+    model, x = tiny_self_explaining(seed=90), pixels(2)
+    first = experiment.kernel_shap(model, x, 32, seed=0)
+    cache = tmp_path / "suite" / "work" / "kernel_shap_cache"
+    (entry,) = cache.glob("*.safetensors")
+    # Read back, not recomputed: a marker written into the entry comes out.
+    marker = torch.full(first.shape, 7.0)
+    save_file({"values": marker}, str(entry))
+    assert torch.equal(experiment.kernel_shap(model, x, 32, seed=0), marker)
+    # The explanation extension cannot change a logit, so it is not part of the key …
+    extended = tiny_self_explaining(seed=5, explanation_head="extension")
+    extended.load_state_dict(model.state_dict(), strict=False)  # the same backbone and head
+    torch.nn.init.normal_(extended.explainer.blocks[0].fc2.weight)
+    assert torch.equal(experiment.kernel_shap(extended, x, 32, seed=0), marker)
+    # … but the budget, seed, images and backbone weights are.
+    for changed in (
+        lambda: experiment.kernel_shap(model, x, 33, seed=0),
+        lambda: experiment.kernel_shap(model, x, 32, seed=1),
+        lambda: experiment.kernel_shap(model, pixels(2, seed=1), 32, seed=0),
+        lambda: experiment.kernel_shap(tiny_self_explaining(seed=91), x, 32, seed=0),
+    ):
+        assert not torch.equal(changed(), marker)
+    assert len(list(cache.glob("*.safetensors"))) == 5
+    assert not list(cache.glob("*.partial"))

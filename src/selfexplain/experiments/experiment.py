@@ -16,6 +16,7 @@ experiment resumes. `docs/results/<name>/` gets `report.md`, `results.json` and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import multiprocessing
@@ -32,9 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from transformers import ViTForImageClassification
 
-from ..attribution import shapley
+from ..attribution import masking, model_call, shapley
 from ..attribution.targets import add_explanation_targets
 from ..data import BUILTIN_DOMAINS, default_image_processor, load_builtin_domain
 from ..evaluation import explainers, metrics
@@ -80,6 +82,11 @@ class ExperimentConfig:
     trainable: str = "all"
     # Recipe settings for the self-explaining run only (e.g. its own learning rate), over `train`.
     explanation_train: dict[str, Any] = field(default_factory=dict)
+    # Kernel SHAP values (references, budget curves) are cached here, keyed by everything they depend on (the
+    # weights the logits read, the images, grid, budget, baseline, seed and the estimator's code), so that suites
+    # sharing models (a rerun, or another suite on the same prediction-only models) compute each only once.
+    # None: `output_dir/work/kernel_shap_cache`.
+    kernel_shap_cache: str | None = None
     # Targets at another image size than the sources (same patch size): vectors are applied with their position
     # embeddings resized to the target's patch grid (`apply_explanation_vector(resize_position_embeddings=True)`).
     resize_position_embeddings: bool = False
@@ -415,16 +422,38 @@ class Experiment:
         rows = torch.arange(min(cfg.num_reference, len(x)))
 
         def run(images, ref_seed):
-            return shapley.kernel_shap_values(
-                model, images, grid=cfg.grid(), budget=cfg.reference_budget, baseline=cfg.baseline,
-                seed=ref_seed, batch_size=cfg.batch_size,
-            )  # fmt: skip
+            return self.kernel_shap(model, images, cfg.reference_budget, ref_seed)
 
         reference = self._timed("reference", lambda: run(x[rows], 10_000 + seed))[rows, classes[rows]]
         check = rows[: cfg.num_reference_check]
         second = self._timed("reference", lambda: run(x[check], 20_000 + seed))[check, classes[check]]
         seeds_agree = float(metrics.pearson(reference[check].flatten(1), second.flatten(1)).nanmean())
         return reference, seeds_agree
+
+    def kernel_shap(self, model, images: torch.Tensor, budget: int, seed: int) -> torch.Tensor:
+        """`kernel_shap_values` of `images` (every class), read back from the cache when computed before."""
+        cfg = self.config
+
+        def compute() -> torch.Tensor:
+            return shapley.kernel_shap_values(
+                model, images, grid=cfg.grid(), budget=budget, baseline=cfg.baseline, seed=seed,
+                batch_size=cfg.batch_size,
+            )  # fmt: skip
+
+        folder = Path(cfg.kernel_shap_cache) if cfg.kernel_shap_cache else self.work / "kernel_shap_cache"
+        path = (
+            folder / f"{kernel_shap_key(model, images, cfg.grid(), budget, cfg.baseline, seed)}.safetensors"
+        )
+        if path.exists():
+            return load_file(path)["values"]
+        values = compute()
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(
+            f"{path.stem}.{os.getpid()}.partial"
+        )  # workers never see a half-written file
+        save_file({"values": values.contiguous()}, str(partial))
+        os.replace(partial, path)
+        return values
 
     def budget_curve(self, model, x, classes, reference, seed: int) -> dict[str, dict[str, float]]:
         """Kernel SHAP at each budget of ``kernel_shap_budgets`` on the reference images, scored like a map."""
@@ -433,12 +462,8 @@ class Experiment:
         curve = {}
         for budget in cfg.kernel_shap_budgets:
             values = self._timed(
-                "kernel_shap_curve",
-                lambda budget=budget: shapley.kernel_shap_values(
-                    model, x[rows], grid=cfg.grid(), budget=budget, baseline=cfg.baseline, seed=seed,
-                    batch_size=cfg.batch_size,
-                ),
-            )  # fmt: skip
+                "kernel_shap_curve", lambda budget=budget: self.kernel_shap(model, x[rows], budget, seed)
+            )
             curve[str(budget)] = agreement(values[rows, classes[rows]], reference)
         return curve
 
@@ -649,12 +674,17 @@ class Experiment:
         x = self.pixels(test)
         model = self.load(self.finetune(seed, target, 0.0))
         alpha = self.recommended_alpha(seed, source)
-        patched = apply_explanation_vector(model, self.vector(seed, source), alpha=alpha).eval()
+        patched = apply_explanation_vector(
+            model,
+            self.vector(seed, source),
+            alpha=alpha,
+            resize_position_embeddings=cfg.resize_position_embeddings,
+        ).eval()
         with torch.inference_mode():
             predicted = model(x, explain=None).logits.argmax(-1)
-        reference = shapley.kernel_shap_values(
-            model, x, grid=grid, budget=cfg.reference_budget, baseline=cfg.baseline, seed=10_000 + seed
-        )[torch.arange(len(x)), predicted]
+        reference = self.kernel_shap(model, x, cfg.reference_budget, 10_000 + seed)[
+            torch.arange(len(x)), predicted
+        ]
         rollout = explainers.attention_rollout(_as_plain_classifier(model), x)
         columns = [
             ("image", None),
@@ -702,6 +732,29 @@ class Experiment:
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return path
+
+
+def kernel_shap_key(model, images: torch.Tensor, grid, budget: int, baseline: str, seed: int) -> str:
+    """A digest of everything Kernel SHAP values depend on: the weights the logits read (the explanation
+    extension is left out: the class token never passes through it, so it cannot change a logit), the images, the
+    grid, budget, baseline and seed, and the source of the modules that compute them (an edit there, even one
+    that would not change a value, starts a new cache entry rather than risk a stale one)."""
+    digest = hashlib.sha256()
+
+    def add(tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+
+    for name, tensor in sorted(model.state_dict().items()):
+        if not name.startswith("explainer."):
+            digest.update(name.encode())
+            add(tensor)
+    add(images)
+    digest.update(json.dumps([type(model).__name__, list(grid), budget, str(baseline), seed]).encode())
+    for module in (shapley, masking, model_call):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:32]
 
 
 def _as_plain_classifier(model: ViTForSelfExplainingClassification):
