@@ -18,6 +18,7 @@ The package, a folder per concept (see docs/design.md):
 - ``data``: built-in offline domains, loading any dataset, preprocessing;
 - ``training``: the config, deterministic sampling, the ``accelerate`` loop, checkpoints, the offline base;
 - ``experiments``: the transfer suite and its report; ``cli``: the ``selfexplain`` command;
+- ``timm_checkpoints``: timm ViT checkpoints in (without importing timm) and out;
 - ``hub`` (one publish path), ``cards`` (model cards), ``visualize`` (heatmaps), ``errors``.
 """
 
@@ -32,6 +33,7 @@ from .errors import (
     MissingClassifierError,
     NotAModelError,
     NotAnExplanationVectorError,
+    UnsupportedModelError,
 )
 from .evaluation.alpha_fitting import fit_alpha
 from .hub import publish_folder
@@ -41,6 +43,7 @@ from .modeling_self_explaining_vit import (
     ViTForSelfExplainingClassification,
 )
 from .pipelines import IMAGE_EXPLANATION_TASK, ImageExplanationPipeline, register_pipelines
+from .timm_checkpoints import is_timm_config, load_timm_checkpoint, save_timm_checkpoint
 from .training import TrainingConfig, pretrain_base, train
 from .vectors import (
     ExplanationVector,
@@ -72,6 +75,7 @@ __all__ = [
     "NotAnExplanationVectorError",
     "SelfExplainingImageClassifierOutput",
     "TrainingConfig",
+    "UnsupportedModelError",
     "VectorCompression",
     "ViTExplanationExtension",
     "ViTForSelfExplainingClassification",
@@ -81,13 +85,16 @@ __all__ = [
     "architecture_fingerprint",
     "exact_shapley_values",
     "fit_alpha",
+    "is_timm_config",
     "explanation_to_heatmap",
     "kernel_shap_values",
     "label_image",
     "load_builtin_domain",
     "load_image_dataset",
+    "load_timm_checkpoint",
     "overlay_heatmap",
     "pretrain_base",
     "publish_folder",
+    "save_timm_checkpoint",
     "train",
 ]

@@ -34,6 +34,12 @@ class MissingClassifierError(ExplanationVectorError):
     labels, so a classifier must be fine-tuned first; nothing was changed."""
 
 
+class UnsupportedModelError(ExplanationVectorError):
+    """The checkpoint is a model selfexplain cannot make self-explaining as it is: for example a timm ViT with
+    average pooling, register tokens or layer scale, which transformers' ViT cannot reproduce. The message names
+    each unsupported feature and why; nothing was loaded."""
+
+
 __all__ = [
     "ExplanationVectorError",
     "IncompatibleExplanationVectorError",
@@ -41,4 +47,5 @@ __all__ = [
     "MissingClassifierError",
     "NotAModelError",
     "NotAnExplanationVectorError",
+    "UnsupportedModelError",
 ]

@@ -25,6 +25,7 @@ from ..errors import (
     NotAModelError,
 )
 from ..modeling_self_explaining_vit import ViTExplanationExtension, ViTForSelfExplainingClassification
+from ..timm_checkpoints import load_timm_checkpoint, read_timm_config
 from .alpha import AlphaFit, LayerAlpha, alpha_record
 from .checkpoint_keys import serialized_names
 from .checks import all_finite
@@ -64,7 +65,9 @@ def apply_explanation_vector(
 
     Args:
         model: a loaded `ViTForImageClassification` / `ViTForSelfExplainingClassification`, or a Hub id / folder
-            of one (loaded with `ViTForSelfExplainingClassification.from_pretrained`, never with remote code).
+            of one (loaded with `ViTForSelfExplainingClassification.from_pretrained`, never with remote code), or
+            of a timm ViT checkpoint (`timm/vit_*`: converted by `load_timm_checkpoint`, which refuses the timm
+            variants the design does not fit; `save_timm_checkpoint` writes the result back in timm's layout).
         vector: an `ExplanationVector`, or a Hub id / folder of one.
         alpha: scale of the vector; `None` uses the vector's `recommended_alpha`. `alpha=0` returns the
             original weights exactly. A `LayerAlpha` (e.g. from `fit_alpha`) scales each transformer block by its
@@ -112,6 +115,15 @@ def apply_explanation_vector(
     owned = not isinstance(model, PreTrainedModel)
     if owned:  # say what a wrong path or id names before anything is read or downloaded
         _require_model_source(str(model), revision, cache_dir)
+        hub = {
+            "revision": revision,
+            "token": token,
+            "cache_dir": cache_dir,
+            "local_files_only": local_files_only,
+        }
+        timm_model = _load_if_timm(str(model), hub, from_pretrained_kwargs)
+        if timm_model is not None:  # converted to a self-explaining model nobody else holds: patched in place
+            model, owned, inplace = timm_model, False, True
     if not isinstance(vector, (str, os.PathLike)):  # an `ExplanationVector` in memory
         config = vector.config
         vector_source = None
@@ -230,6 +242,19 @@ def apply_explanation_vector(
     if image_processor is not None:
         setattr(target, IMAGE_PROCESSOR_ATTRIBUTE, image_processor)
     return target
+
+
+def _load_if_timm(
+    source: str, hub: Mapping[str, Any], from_pretrained_kwargs: Mapping[str, Any]
+) -> ViTForSelfExplainingClassification | None:
+    """A timm ViT checkpoint (its `config.json` is timm's: `architecture`, no `model_type`) loaded as a
+    self-explaining model (refused with the reason when its variant does not fit); None for any other source."""
+    # The raw file: transformers' own reader rewrites a timm config into its `timm_wrapper` model type.
+    try:
+        read_timm_config(source, hub)
+    except (ExplanationVectorError, OSError, ValueError):  # not timm's: the regular path takes it from here
+        return None
+    return load_timm_checkpoint(source, **hub, dtype=from_pretrained_kwargs.get("dtype"))
 
 
 def _require_model_source(source: str, revision: str | None, cache_dir: str | os.PathLike | None) -> None:
