@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import _torchvision_workaround  # noqa: F401  (before transformers: imports a CUDA-built torchvision on CPU torch)
 import numpy as np
 import torch
 from torch import nn
@@ -161,11 +162,15 @@ def interleaved_times(
     rounds: int,
     warmup: int = 1,
     inner: Mapping[str, int] | None = None,
+    cpu_times: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Wall times (s) of each function over ``rounds`` interleaved rounds, after ``warmup`` untimed rounds.
 
     Each round calls every function once (``inner[name]`` times for cheap ones, each call timed on its own),
     starting at a different function every round so no contender always runs first after a slow neighbour.
+    With ``cpu_times`` (a dict to fill), the process CPU time of every timed call is recorded there too: on a
+    machine shared with higher-priority work, CPU seconds measure the work done where wall time measures the
+    waiting as well.
     """
     inner = dict(inner or {})
     names = list(functions)
@@ -173,13 +178,17 @@ def interleaved_times(
         for name in names:
             functions[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    if cpu_times is not None:
+        cpu_times.update({name: [] for name in names})
     for round_index in range(rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             for _ in range(inner.get(name, 1)):
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 functions[name]()
                 times[name].append(time.perf_counter() - start)
+                if cpu_times is not None:
+                    cpu_times[name].append(time.process_time() - cpu_start)
     return times
 
 
@@ -232,9 +241,11 @@ class Peer:
 #: Why a peer may be missing even though it exists on PyPI (shown next to the import error).
 _KNOWN_BLOCKERS = {
     "pytorch_grad_cam": (
-        "`pip install grad-cam` pulls torchvision, whose wheels pin another torch: pip would replace "
-        "torch 2.13.0+cpu by torch 2.14.1 with CUDA wheels, so it is not part of the [bench] extra; "
-        "Captum LayerGradCam stands in for it"
+        "`pip install grad-cam` pulls torchvision, and an unpinned torchvision makes pip replace torch 2.13.0+cpu "
+        "by torch 2.14 with CUDA wheels, so it is not part of the [bench] extra; install it in its own "
+        "environment, torch and torchvision pinned in one command: `python3 -m venv .venv-bench && "
+        ".venv-bench/bin/pip install torch==2.13.0 torchvision==0.28.0 grad-cam -e '.[bench]'` and run the "
+        "benchmarks with `.venv-bench/bin/python`"
     ),
 }
 

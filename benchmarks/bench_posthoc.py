@@ -2,7 +2,8 @@
 
 The same ViT (random weights) and image for every method: our single pass (the map of the predicted class),
 our Kernel SHAP, shap's KernelExplainer and image (Partition) explainer, Captum KernelShap and FeatureAblation
-with a patch feature mask, Grad-CAM (ours and Captum LayerGradCam) and attention rollout. Sampling explainers
+with a patch feature mask, Grad-CAM (ours, pytorch-grad-cam's GradCAM and Captum LayerGradCam) and attention
+rollout. Sampling explainers
 get the same budget of model evaluations; the model counts the images it scores to check it.
 """
 
@@ -62,7 +63,7 @@ def run(quick: bool) -> SectionResult:
         predicted = plain(pixel_values=pixel_values).logits.argmax(-1)
 
     shap, captum = load_peer("shap", "shap"), load_peer("captum.attr", "Captum")
-    grad_cam_lib = load_peer("pytorch_grad_cam", "pytorch-grad-cam")
+    grad_cam_lib = peers.load_grad_cam()  # with the torchvision workaround (see peers)
 
     def single_pass():
         with torch.inference_mode():
@@ -88,6 +89,8 @@ def run(quick: bool) -> SectionResult:
         ),
     ]
     unavailable = []
+    layer_grad_cam: peers.CaptumLayerGradCam | None = None
+    real_grad_cam: peers.PytorchGradCam | None = None
     if shap.available:
         methods += [
             Method(
@@ -130,7 +133,18 @@ def run(quick: bool) -> SectionResult:
         ]
     else:
         unavailable.append(captum)
-    if not grad_cam_lib.available:
+    if grad_cam_lib.available:
+        real_grad_cam = peers.PytorchGradCam(grad_cam_lib.module, plain, grid)
+        methods.append(
+            Method(
+                "pytorch-grad-cam `GradCAM` (last block's `layernorm_before`, CLS dropped by `reshape_transform`)",
+                lambda: real_grad_cam(pixel_values, predicted),
+                "predicted",
+                cheap=True,
+                evaluations="1 forward + 1 backward",
+            )
+        )
+    else:
         unavailable.append(grad_cam_lib)
     methods += [
         Method(
@@ -197,6 +211,7 @@ def run(quick: bool) -> SectionResult:
         "Ours-Kernel-SHAP returns the maps of all classes from the same evaluations; the peers are given only the "
         "predicted class (their cheapest correct use), so the comparison favours them."
     )
+    section.tables.append(_grad_cam_agreement(plain, settings, grid, real_grad_cam, layer_grad_cam))
     speedups = {
         method.label: paired_ratio(times[method.label], times[reference])
         for method in methods[2:]
@@ -209,3 +224,56 @@ def run(quick: bool) -> SectionResult:
             "explainers (paired-round medians)."
         )
     return section
+
+
+def _grad_cam_agreement(
+    plain: torch.nn.Module,
+    settings: dict,
+    grid: tuple[int, int],
+    real_grad_cam: peers.PytorchGradCam | None,
+    layer_grad_cam: peers.CaptumLayerGradCam | None,
+    num_images: int = 4,
+) -> Table:
+    """Mean Pearson / Spearman between our ``grad_cam`` and each library's Grad-CAM.
+
+    pytorch-grad-cam returns min-max scaled pixel maps (its patch-grid map resized with OpenCV's bilinear
+    interpolation): it is compared with ours upsampled the same way (``align_corners=False`` bilinear, which is
+    OpenCV's pixel-centre convention), at the pixel level. Captum's maps are compared on the patch grid.
+    """
+    from selfexplain.evaluation.metrics import pearson, spearman
+
+    pixel_values = sample_images(num_images, settings["image_size"], seed=5)
+    with torch.no_grad():  # not inference_mode: Captum uses the classes in a graph it differentiates
+        predicted = plain(pixel_values=pixel_values).logits.argmax(-1)
+    ours = grad_cam(plain, pixel_values)  # (B, gh, gw)
+    ours_pixels = torch.nn.functional.interpolate(
+        ours[:, None], size=tuple(pixel_values.shape[-2:]), mode="bilinear", align_corners=False
+    )[:, 0]
+    table = Table(
+        f"Grad-CAM agreement with ours (`explainers.grad_cam`), {num_images} photo crops, predicted class",
+        ["library", "compared on", "Pearson (mean)", "Spearman (mean)"],
+    )
+    rows = {
+        "pytorch-grad-cam `GradCAM`": (
+            real_grad_cam and (lambda: real_grad_cam(pixel_values, predicted)),
+            ours_pixels,
+            "pixels (ours upsampled bilinearly)",
+        ),
+        "Captum `LayerGradCam`": (
+            layer_grad_cam and (lambda: layer_grad_cam(pixel_values, predicted, grid)),
+            ours,
+            f"the {grid[0]}×{grid[1]} patch grid",
+        ),
+    }
+    for label, (explain, reference, where) in rows.items():
+        if explain is None:
+            table.add(label, where, "not available", "—")
+            continue
+        theirs, reference = explain().flatten(1).float(), reference.flatten(1)
+        table.add(
+            label,
+            where,
+            f"{float(pearson(theirs, reference).nanmean()):.4f}",
+            f"{float(spearman(theirs, reference).nanmean()):.4f}",
+        )
+    return table

@@ -1,6 +1,7 @@
-"""Adapters that run the peer libraries (shap, Captum) on the same model, players and baseline as selfexplain.
+"""Adapters that run the peer libraries (shap, Captum, pytorch-grad-cam) on the same model, players and baseline
+as selfexplain.
 
-Every adapter explains images on a ``(grid_h, grid_w)`` player grid, replaces removed players by the same
+Every sampling adapter explains images on a ``(grid_h, grid_w)`` player grid, replaces removed players by the same
 baseline image (:func:`selfexplain.attribution.masking.make_baseline`) and scores softmax probabilities, so their estimates
 are comparable with :func:`selfexplain.attribution.shapley.kernel_shap_values`. The model is a
 :class:`_common.LogitsModel`, whose counter checks the evaluation budget each library really spends.
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from types import ModuleType
 
 import numpy as np
 import torch
-from _common import LogitsModel
+from _common import LogitsModel, Peer, load_peer
+from _torchvision_workaround import fake_kernel_registration_disabled
 from torch import nn
 
 from selfexplain.attribution.masking import grid_to_pixel_mask, make_baseline, mask_images
@@ -90,6 +93,74 @@ def shap_partition(
         explanation = explainer(image_hwc[None], max_evals=budget, batch_size=budget, silent=True)
         maps.append(np.asarray(explanation.values)[0, ..., 0].sum(-1))
     return maps
+
+
+# --------------------------------------------------------------------------------------------------------
+# Coalition games: shap, shapiq and Captum on one value function of binary coalition masks
+# --------------------------------------------------------------------------------------------------------
+
+#: ``(M, n)`` bool coalition masks -> ``(M,)`` float64 values (one class); the equal-error benchmark's games.
+CoalitionGame = Callable[[np.ndarray], np.ndarray]
+
+
+def shap_kernel_game(
+    shap: ModuleType, game: CoalitionGame, num_players: int, budget: int, seed: int
+) -> np.ndarray:
+    """``shap.KernelExplainer`` on a coalition game: ``(n,)`` values from ``budget`` evaluations.
+
+    The background is the empty coalition and ``x`` the full one, which shap evaluates apart from its samples:
+    ``nsamples = budget - 2``. ``l1_reg=False`` keeps plain Kernel SHAP. shap samples with numpy's global RNG.
+    """
+    np.random.seed(seed)
+    explainer = shap.KernelExplainer(lambda z: game(z > 0.5), np.zeros((1, num_players)))
+    phi = explainer.shap_values(np.ones((1, num_players)), nsamples=budget - 2, l1_reg=False, silent=True)
+    return np.asarray(phi, dtype=np.float64).reshape(num_players)
+
+
+def shapiq_kernel_shap_game(
+    shapiq: ModuleType, game: CoalitionGame, num_players: int, budget: int, seed: int, leverage: bool
+) -> np.ndarray:
+    """shapiq's ``KernelSHAP`` on a coalition game, paired; ``leverage=True`` makes it Leverage SHAP.
+
+    shapiq 1.4 has no class of that name: Leverage SHAP (Musco & Witter 2025) is its Kernel SHAP with sampling
+    weights equal over sizes (the leverage scores), which the shapiq authors' own benchmarks use. Its budget
+    counts the empty and full coalitions; sizes whose expected draws exceed their count are enumerated (its
+    border trick); the rest is drawn with replacement and a repeat is counted, not re-evaluated.
+    """
+    weights = np.ones(num_players + 1) if leverage else None
+    approximator = shapiq.KernelSHAP(
+        num_players, pairing_trick=True, sampling_weights=weights, random_state=seed
+    )
+    with warnings.catch_warnings():  # "budget close to the number of coalitions" is the point of a curve
+        warnings.simplefilter("ignore")
+        values = approximator.approximate(budget, lambda coalitions: game(np.asarray(coalitions, dtype=bool)))
+    return np.asarray(values.get_n_order_values(1), dtype=np.float64)
+
+
+def captum_kernel_shap_game(
+    captum_attr: ModuleType, game: CoalitionGame, num_players: int, budget: int, seed: int
+) -> np.ndarray:
+    """Captum ``KernelShap`` on a coalition game: input all ones, baseline all zeros, one feature per player.
+
+    Captum perturbs the input to ``mask * 1 + (1 - mask) * 0 = mask``, so its forward sees the coalition masks;
+    ``n_samples=budget`` (its first two samples are the full and empty coalitions). It samples with torch's
+    global RNG, evaluates a repeated coalition again, and fits with scikit-learn's linear regression.
+    """
+    torch.manual_seed(seed)
+
+    def forward(masks: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(game(masks.detach().numpy() > 0.5))
+
+    explainer = captum_attr.KernelShap(forward)
+    with torch.no_grad():
+        phi = explainer.attribute(
+            torch.ones(1, num_players),
+            baselines=torch.zeros(1, num_players),
+            feature_mask=torch.arange(num_players).unsqueeze(0),
+            n_samples=budget,
+            perturbations_per_eval=budget,
+        )
+    return phi[0].to(torch.float64).numpy()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -204,3 +275,70 @@ class CaptumLayerGradCam:
     ) -> torch.Tensor:
         cam = self.explainer.attribute(pixel_values, target=classes, relu_attributions=True)  # (B, 1, T)
         return cam[:, 0, 1:].reshape(-1, *grid).detach()
+
+
+# --------------------------------------------------------------------------------------------------------
+# pytorch-grad-cam
+# --------------------------------------------------------------------------------------------------------
+
+#: pytorch-grad-cam is not in the [bench] extra: it needs torchvision, and an unpinned torchvision makes pip replace
+#: torch 2.13.0+cpu by torch 2.14 with CUDA wheels. It lives in its own environment, torch and torchvision pinned in
+#: one command (the torchvision wheel is CUDA-linked: see `_torchvision_workaround`).
+GRAD_CAM_INSTALL = (
+    "python3 -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 torchvision==0.28.0 grad-cam "
+    "-e '.[bench]'"
+)
+
+
+def load_grad_cam() -> Peer:
+    """pytorch-grad-cam as a :class:`_common.Peer`, imported with the torchvision workaround
+    (:mod:`_torchvision_workaround`: registering torchvision's fake kernels is skipped during the import)."""
+    with fake_kernel_registration_disabled():
+        peer = load_peer("pytorch_grad_cam", "pytorch-grad-cam")
+    if peer.available and peer.version == "unknown":  # the package has no __version__
+        from importlib.metadata import version
+
+        peer.version = version("grad-cam")
+    return peer
+
+
+class _Logits(nn.Module):
+    """``model(x) -> logits``: pytorch-grad-cam indexes the model's output as a ``(B, num_classes)`` tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+def vit_tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """pytorch-grad-cam's ``reshape_transform`` for a ViT: ``(B, 1 + N, D)`` tokens -> ``(B, D, h, w)``, CLS dropped."""
+    patches = tokens[:, 1:, :]
+    return patches.reshape(patches.shape[0], *grid, patches.shape[-1]).permute(0, 3, 1, 2)
+
+
+class PytorchGradCam:
+    """pytorch-grad-cam's ``GradCAM`` on the output of the last block's ``layernorm_before`` (the layer of
+    ``selfexplain.evaluation.explainers.grad_cam``), CLS token dropped by the ``reshape_transform``.
+
+    Its channel weights average the gradients over the patch tokens, like ours; it then min-max scales each map to
+    [0, 1] and resizes it to the input's pixels (OpenCV bilinear), so its maps equal ours up to that scaling and
+    the upsampling. Returns those ``(B, H, W)`` pixel maps, as the library does. Runs on a copy of the model (the
+    library calls ``zero_grad`` and ``backward``, which would write ``.grad`` into the caller's parameters).
+    """
+
+    def __init__(self, grad_cam_module: ModuleType, model: nn.Module, grid: tuple[int, int]) -> None:
+        wrapped = _Logits(copy.deepcopy(model).eval())
+        self.cam = grad_cam_module.GradCAM(
+            model=wrapped,
+            target_layers=[wrapped.model.vit.layers[-1].layernorm_before],
+            reshape_transform=lambda tokens: vit_tokens_to_grid(tokens, grid),
+        )
+
+    def __call__(self, pixel_values: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        targets = [ClassifierOutputTarget(int(c)) for c in classes]
+        return torch.from_numpy(self.cam(input_tensor=pixel_values, targets=targets))

@@ -6,9 +6,12 @@
 
 Sections (see each ``bench_*.py``): ``overhead`` (explanation cost of the forward pass), ``posthoc`` (versus
 post-hoc explainers per image), ``kernel_shap`` (target-generation engine vs shap and Captum), ``apply``
-(``apply_explanation_vector`` time and peak memory), ``training`` (λ > 0 vs λ = 0 step time) and ``metrics``
-(insertion/deletion vs Quantus). Peers (shap, Captum, Quantus) are optional: the ``[bench]`` extra installs them,
-and a missing one is reported as "not available" with the reason. A section that fails is reported with its
+(``apply_explanation_vector`` time and peak memory), ``training`` (λ > 0 vs λ = 0 step time), ``metrics``
+(insertion/deletion vs Quantus), ``removal`` (Kernel SHAP with token dropping vs baseline filling) and
+``equal_error`` (evaluations each Kernel SHAP estimator needs to reach a fixed error, vs shap, shapiq and Captum). Peers
+(shap, Captum, Quantus, pytorch-grad-cam) are optional: the ``[bench]`` extra installs the first three
+(pytorch-grad-cam needs its own environment, see ``peers.load_grad_cam``), and a missing one is reported as
+"not available" with the reason. A section that fails is reported with its
 error and makes the command exit with status 1 after the report is written.
 """
 
@@ -36,6 +39,8 @@ SECTIONS = {
     "apply": "bench_apply",
     "training": "bench_training",
     "metrics": "bench_metrics",
+    "removal": "bench_removal",
+    "equal_error": "bench_equal_error",
 }
 PACKAGES = (
     "selfexplain",
@@ -45,6 +50,7 @@ PACKAGES = (
     "safetensors",
     "accelerate",
     "shap",
+    "shapiq",
     "captum",
     "quantus",
     "grad-cam",
@@ -157,18 +163,17 @@ def render(
         "| --- | --- |",
     ]
     lines += [f"| {name} | {version} |" for name, version in _common.package_versions(PACKAGES).items()]
+    import peers as peer_adapters
+
     peers = [
         _common.load_peer(module, label)
-        for module, label in (
-            ("shap", "shap"),
-            ("captum", "Captum"),
-            ("quantus", "Quantus"),
-            ("pytorch_grad_cam", "pytorch-grad-cam"),
-        )
+        for module, label in (("shap", "shap"), ("captum", "Captum"), ("quantus", "Quantus"))
     ]
+    peers.append(peer_adapters.load_grad_cam())  # imported with its torchvision workaround
     lines += [
         "",
-        "Peers are benchmark-only dependencies: `pip install -e '.[bench]'`. In this run: "
+        "Peers are benchmark-only dependencies: `pip install -e '.[bench]'` (pytorch-grad-cam: "
+        f"`{peer_adapters.GRAD_CAM_INSTALL}`, then run with `.venv-bench/bin/python`). In this run: "
         + "; ".join(peer.status() for peer in peers)
         + ".",
     ]
