@@ -170,7 +170,10 @@ def report(rows: dict[int, dict[str, dict[str, Any]]], args, wall_s: float) -> s
         "",
         "Transfer rows at α = 1 (the vector's recommended α is chosen on MNIST at 32 px: it is in the JSON). "
         "ΔPearson: transferred − no transfer; B*: the smallest Kernel SHAP budget (of the suite's grid, on the "
-        "row's own patch grid) whose Pearson with the reference reaches the transferred map's.",
+        "row's own patch grid) whose Pearson with the reference reaches the transferred map's. Read the "
+        "'ref. seeds agree' column first: a reference whose two seeds agree below ~0.9 has not converged at that "
+        "budget (more players need more evaluations), which lowers every Pearson on its row and makes B* "
+        "unreliable; insertion and deletion do not depend on it.",
         "",
         "| seed | size | accuracy | ref. seeds agree | no transfer Pearson | α = 1 Pearson | ΔPearson | α = 1 "
         "ins / del | top-1 kept | B* (α = 1) | rollout Pearson | rollout ins / del | Grad-CAM Pearson |",
