@@ -1,7 +1,8 @@
 """Choosing α without labels: the source's global α vs `fit_alpha` (global and per block) on the transfer suite, for
 single-source, merged and union-trained vectors.
 
-Built on a finished `full` suite (`selfexplain experiment --config full`): its target models, vectors and the α
+Built on a finished suite (`selfexplain experiment --config full`, or `--config extension` with
+`--config extension`): its target models, vectors and the α
 each vector recommends (chosen on the source). For every seed and target, each vector is applied with
 - `source α`: the α recommended on the source (the paper's recipe),
 - `fit, global`: `fit_alpha(per_layer=False)` on unlabelled target validation images,
@@ -11,6 +12,7 @@ insertion − deletion AUC of the model's own map (label-free faithfulness) agai
 Vectors: each source's, and `ties(mnist, union)`: the two merged with TIES (density 0.5).
 
     python benchmarks/alpha_fitting.py        # writes docs/results/alpha_fitting.md (+ .json)
+    python benchmarks/alpha_fitting.py --config extension --report docs/results/alpha_fitting_extension.md
 
 Results are cached per seed and target under `<output-dir>/alpha_fitting/`.
 """
@@ -30,7 +32,7 @@ from selfexplain.experiments.experiment import Experiment, ExperimentConfig, _en
 from selfexplain.vectors.alpha import alpha_record
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = ROOT / "src" / "selfexplain" / "experiments" / "configs" / "full.json"
+CONFIGS = ROOT / "src" / "selfexplain" / "experiments" / "configs"
 MERGED = "ties(mnist, union)"
 
 
@@ -102,7 +104,7 @@ def render(rows: list[dict], args, command: str) -> str:
     lines = [
         "# Choosing α without labels",
         "",
-        f"Produced by `{command}` on {_environment()['machine']}, from the `full` suite's models and vectors "
+        f"Produced by `{command}` on {_environment()['machine']}, from the `{args.suite}` suite's models and vectors "
         f"(seeds {sorted({r['seed'] for r in rows})}). Δ: against the unpatched target on its "
         f"{args.num_eval} test images; faithfulness = insertion − deletion AUC of the model's own map for its own "
         f"prediction (16 steps). `fit_alpha` saw {args.fit_images} unlabelled validation images of the target "
@@ -153,7 +155,12 @@ def render(rows: list[dict], args, command: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--output-dir", type=Path, default=Path("outputs/full"), help="The full suite's output."
+        "--config",
+        default="full",
+        help="The suite (a name in selfexplain/experiments/configs): full, extension.",
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="The suite's output (default: its config's output_dir)."
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--fit-images", type=int, default=64)
@@ -161,7 +168,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-agreement", type=float, default=0.97)
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "results" / "alpha_fitting.md")
     args = parser.parse_args(argv)
-    config = ExperimentConfig.from_json_file(FULL, output_dir=str(args.output_dir), seeds=args.seeds)
+    path = CONFIGS / f"{args.config}.json"
+    if not path.exists():
+        parser.error(f"no suite config {path}")
+    if args.output_dir is None:
+        args.output_dir = Path(json.loads(path.read_text())["output_dir"])
+    config = ExperimentConfig.from_json_file(path, output_dir=str(args.output_dir), seeds=args.seeds)
+    args.suite = args.config
     args.num_eval = config.num_eval
     experiment = Experiment(config)
     rows = []

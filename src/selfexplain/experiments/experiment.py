@@ -82,6 +82,9 @@ class ExperimentConfig:
     trainable: str = "all"
     # Recipe settings for the self-explaining run only (e.g. its own learning rate), over `train`.
     explanation_train: dict[str, Any] = field(default_factory=dict)
+    # With trainable "extension": domains whose prediction-only models (fine-tuned from the same θ0) the extension
+    # also learns to explain, each on its own images (`TrainingConfig.extension_hosts`). Never a target.
+    extension_hosts: list[str] = field(default_factory=list)
     # Kernel SHAP values (references, budget curves) are cached here, keyed by everything they depend on (the
     # weights the logits read, the images, grid, budget, baseline, seed and the estimator's code), so that suites
     # sharing models (a rerun, or another suite on the same prediction-only models) compute each only once.
@@ -117,6 +120,15 @@ class ExperimentConfig:
     # Worker processes: the suite is split into units (a seed's base, each source, each target) run in this many
     # processes, each unit starting as soon as the units it needs are done. Set to the number of cores.
     workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.extension_hosts and self.trainable != "extension":
+            raise ValueError('extension_hosts need trainable "extension" (they train an extension only).')
+        leaked = sorted(set(self.extension_hosts) & set(self.targets))
+        if leaked:
+            raise ValueError(
+                f"extension_hosts {leaked} are targets: a vector must not have learnt from a target's model."
+            )
 
     @classmethod
     def from_json_file(cls, path: str | Path, **overrides: Any) -> ExperimentConfig:
@@ -242,6 +254,11 @@ class Experiment:
                 "coalitions_per_image": self.config.coalitions_per_image,
                 "removal_baseline": self.config.baseline,
             }
+        hosts = [d for d in self.config.extension_hosts if d != domain] if explanation_weight > 0 else []
+        if hosts:
+            objective["extension_hosts"] = [
+                {"model": str(self.finetune(seed, d, 0.0)), "data": f"builtin:{d}"} for d in hosts
+            ]
         config = TrainingConfig(
             base=str(base),
             output_dir=str(path),
@@ -254,7 +271,11 @@ class Experiment:
             **head,
             **recipe,
         )
-        self._timed(f"train_{kind}", lambda: train(config, train_ds, eval_ds, image_processor=self.processor))
+        host_data = [self.dataset(d, seed, "train", self.config.num_train) for d in hosts] or None
+        self._timed(
+            f"train_{kind}",
+            lambda: train(config, train_ds, eval_ds, image_processor=self.processor, host_datasets=host_data),
+        )
         return path
 
     def targets_info(self) -> dict[str, Any]:
@@ -632,8 +653,11 @@ class Experiment:
         for seed in cfg.seeds:
             base = ("base", seed, "")
             units[base] = []
+            hosts = [("host", seed, d) for d in cfg.extension_hosts]
+            for host in hosts:  # a host's prediction-only model, needed by every source's extension
+                units[host] = [base]
             for source in cfg.sources:
-                units[("source", seed, source)] = [base]
+                units[("source", seed, source)] = [base] + [h for h in hosts if h[2] != source]
             for target in cfg.targets:
                 needs = [s for s, t in cfg.pair_list() if t == target]
                 if (
@@ -650,6 +674,8 @@ class Experiment:
         crossover_seeds = crossover_seeds if crossover_seeds is not None else self.config.seeds[:1]
         if kind == "base":
             return str(self.base(seed))
+        if kind == "host":
+            return str(self.finetune(seed, name, 0.0))
         if kind == "source":
             result = self.evaluate_source(seed, name)
             result["recommended_alpha"] = self.recommended_alpha(seed, name)
@@ -873,7 +899,7 @@ def _environment(workers: int = 1) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------- units
-#: A unit of work: (kind, seed, domain) with kind "base", "source" or "target".
+#: A unit of work: (kind, seed, domain) with kind "base", "host", "source" or "target".
 Unit = tuple[str, int, str]
 
 

@@ -59,6 +59,13 @@ class TrainingConfig:
             the trained model predicts exactly as ``base`` (use a fine-tuned classifier as ``base`` and as
             ``value_model``); its explanation vector then changes only the extension (its backbone deltas
             are zero; `include=("explainer.*",)` stores the extension alone).
+        extension_hosts: with ``trainable="extension"`` and the ``"shapley"`` objective, other frozen
+            classifiers fine-tuned from the same base θ0, each with its training dataset
+            (``[{"model": "runs/shapes-pred", "data": "builtin:shapes-on-clutter"}]``). Every micro-batch of the
+            training data is followed by one of each host's own images, explained by the *same* extension on
+            the host's backbone and classifier (see :mod:`selfexplain.training.hosts`): the extension learns
+            what explains fine-tunes of θ0 in general, not one classifier, which is what a transferred vector
+            meets. One process only.
         num_epochs: passes over the training data (``max_steps`` may stop earlier).
         max_steps: total optimizer steps; when set, it defines the length of the schedule.
         batch_size: examples per device per micro-batch. Global batch =
@@ -142,6 +149,12 @@ class TrainingConfig:
         "all",
         f"One of {TRAINABLE}: every parameter, or only the explanation extension (logits stay the base's).",
         parse=str,
+    )
+    extension_hosts: list[dict[str, str]] | None = _field(
+        None,
+        'With trainable="extension" and "shapley": other frozen classifiers of the same base that the extension '
+        'learns to explain too, each on its own data: [{"model": FOLDER_OR_ID, "data": DATASET}, ...].',
+        parse="json",
     )
     num_epochs: int = _field(3, "Passes over the training data (max_steps may stop earlier).", parse=int)
     max_steps: int | None = _field(
@@ -245,6 +258,14 @@ class TrainingConfig:
             f"one of {EXPLANATION_HEADS} or None",
         )
         _check(self.trainable in TRAINABLE, "trainable", self.trainable, f"one of {TRAINABLE}")
+        self.extension_hosts = check_extension_hosts(self.extension_hosts) or None
+        if self.extension_hosts:
+            _check(
+                self.trainable == "extension" and self.uses_shapley_objective,
+                "extension_hosts",
+                self.extension_hosts,
+                'used only with trainable="extension" and explanation_objective="shapley" (λ > 0)',
+            )
         if self.trainable == "extension":
             _check(
                 self.explanation_loss_weight > 0,
@@ -341,6 +362,34 @@ class TrainingConfig:
         if unknown:
             raise ValueError(f"{path}: unknown TrainingConfig field(s) {unknown}.")
         return cls(**values)
+
+
+def check_extension_hosts(hosts: Any) -> list[dict[str, str]]:
+    """Validate ``TrainingConfig.extension_hosts``: a list of ``{"model": ..., "data": ...}`` objects."""
+    if hosts is None:
+        return []
+    if not isinstance(hosts, (list, tuple)):
+        raise ValueError(
+            'TrainingConfig.extension_hosts must be a list of {"model": ..., "data": ...} objects, '
+            f"got {hosts!r}."
+        )
+    checked = []
+    for i, host in enumerate(hosts):
+        if not isinstance(host, dict) or not isinstance(host.get("model"), str) or not host["model"]:
+            raise ValueError(
+                f'TrainingConfig.extension_hosts[{i}] must be an object with a "model" (a classifier folder or '
+                f'Hub id) and a "data" (its training dataset), got {host!r}.'
+            )
+        unknown = sorted(set(host) - {"model", "data"})
+        if unknown:
+            raise ValueError(f"TrainingConfig.extension_hosts[{i}] has unknown key(s) {unknown}.")
+        data = host.get("data")
+        if data is not None and (not isinstance(data, str) or not data):
+            raise ValueError(
+                f'TrainingConfig.extension_hosts[{i}]["data"] must be a dataset name, got {data!r}.'
+            )
+        checked.append({"model": host["model"], **({"data": data} if data is not None else {})})
+    return checked
 
 
 def _is_int(value: Any) -> bool:

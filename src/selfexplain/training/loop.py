@@ -91,6 +91,7 @@ from .checkpoints import (
 )
 from .config import TrainingConfig, _is_int
 from .distributed import _make_accelerator, _process_slice
+from .hosts import ExtensionHost, load_extension_hosts
 from .sampling import INDEX_KEY, _EpochBatches, _Examples, _loader, _Schedule
 from .setup import (
     _accuracy_metric,
@@ -116,6 +117,7 @@ def train(
     eval_dataset: Dataset | None = None,
     image_processor: Any | None = None,
     label_names: Sequence[str] | None = None,
+    host_datasets: Sequence[Dataset] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``config.base`` on ``train_dataset``; prediction-only when λ = 0, self-explaining when λ > 0.
 
@@ -127,6 +129,8 @@ def train(
         image_processor: preprocessing; default: the base's own (``AutoImageProcessor``), else
             :func:`selfexplain.data.default_image_processor` at the model's image size.
         label_names: class names, index = label id; default: the label column's ``ClassLabel`` names.
+        host_datasets: the training images of ``config.extension_hosts``, one dataset per host in order
+            (default: each host's ``"data"``, split ``"train"``).
 
     Returns:
         Final metrics: ``output_dir``, ``global_step``, ``epoch``, ``train_loss`` (and its parts, mean over the
@@ -207,7 +211,22 @@ def train(
     value_model = (
         _load_value_model(config, names, accelerator.device) if config.uses_shapley_objective else None
     )
-    run = _Run(config, accelerator, model, optimizer, scheduler, schedule, output_dir, value_model)
+    hosts = []
+    if config.extension_hosts:
+        if accelerator.num_processes > 1:
+            raise ValueError(
+                "extension_hosts train on one process only (the hosts' gradients are not synchronised); "
+                f"this run has {accelerator.num_processes}."
+            )
+        hosts = load_extension_hosts(
+            config.extension_hosts,
+            accelerator.unwrap_model(model),
+            train_transform,
+            host_datasets,
+            config.seed,
+            accelerator.device,
+        )
+    run = _Run(config, accelerator, model, optimizer, scheduler, schedule, output_dir, value_model, hosts)
     run.resume_if_asked()
     eval_examples = None
     if eval_dataset is not None:
@@ -237,9 +256,11 @@ class _Run:
         schedule: _Schedule,
         output_dir: Path,
         value_model: nn.Module | None = None,
+        hosts: Sequence[ExtensionHost] = (),
     ) -> None:
         self.config = config
         self.value_model = value_model  # frozen v(S) of the amortised Shapley objective
+        self.hosts = list(hosts)  # other frozen classifiers the extension learns to explain (hosts.py)
         self.accelerator = accelerator
         self.model = model
         self.optimizer = optimizer
@@ -304,6 +325,7 @@ class _Run:
             "num_examples": self.schedule.num_examples,
             "total_steps": self.schedule.total_steps,
             "explanation_loss_weight": self.config.explanation_loss_weight,
+            "extension_hosts": self.config.extension_hosts,
             **{f"recipe.{k}": v for k, v in self.config.recipe.items()},
         }
         saved = {**state, **{f"recipe.{k}": v for k, v in state.get("recipe", {}).items()}}
@@ -384,7 +406,8 @@ class _Run:
                     )
                     output.loss = output.loss + config.explanation_loss_weight * output.explanation_loss
                 accelerator.backward(output.loss / self.schedule.accumulation)
-            self._window.add(output)
+                host_losses = [self._host_loss(host, micro) for host in self.hosts]
+            self._window.add(output, host_losses)
         if config.max_grad_norm is not None:
             accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
@@ -412,6 +435,16 @@ class _Run:
         )
         phi = explanation.flatten(2) / num_players
         return amortized_shapley_loss(phi, coalitions, values, v_empty, v_full)
+
+    def _host_loss(self, host: ExtensionHost, micro: int) -> torch.Tensor:
+        """One micro-batch of the host's own images through the shared extension; backward, and the loss."""
+        config = self.config
+        batch = host.batch(config.seed, self.global_step, micro, config.batch_size)
+        loss = host.shapley_loss(
+            batch, config.seed, self.global_step, config.coalitions_per_image, config.removal_baseline
+        )
+        self.accelerator.backward(config.explanation_loss_weight * loss / self.schedule.accumulation)
+        return loss.detach()
 
     def _log_window(self, lr: float) -> None:
         means = self._window.reduce(self.accelerator)
@@ -518,6 +551,7 @@ class _Run:
             "num_processes": self.schedule.num_processes,
             "recipe": self.config.recipe,
             "explanation_loss_weight": self.config.explanation_loss_weight,
+            "extension_hosts": self.config.extension_hosts,
             "eval_history": self.eval_history,
             "last_train_log": self.last_train_log,
         }
@@ -586,7 +620,7 @@ class _Run:
 class _LossWindow:
     """Sums of the loss parts over the micro-batches since the last log, reduced across processes."""
 
-    _PARTS = ("loss", "classification_loss", "explanation_loss")
+    _PARTS = ("loss", "classification_loss", "explanation_loss", "host_explanation_loss")
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -597,9 +631,11 @@ class _LossWindow:
         self.count = 0
         self.seen: set[str] = set()
 
-    def add(self, output: Any) -> None:
+    def add(self, output: Any, host_losses: Sequence[torch.Tensor] = ()) -> None:
+        """Add a micro-batch's loss parts; ``host_losses``: its extension hosts' losses (logged as their mean)."""
+        host = torch.stack(list(host_losses)).mean() if host_losses else None
         for i, name in enumerate(self._PARTS):
-            value = getattr(output, name)
+            value = host if name == "host_explanation_loss" else getattr(output, name)
             if value is not None:
                 self.sums[i] += value.detach().to(torch.float64)
                 self.seen.add(name)
@@ -609,7 +645,10 @@ class _LossWindow:
         return {"sums": self.sums.tolist(), "count": self.count, "seen": sorted(self.seen)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sums = torch.tensor(state["sums"], dtype=torch.float64, device=self.device)
+        sums = list(state["sums"]) + [0.0] * (
+            len(self._PARTS) - len(state["sums"])
+        )  # older checkpoints: fewer parts
+        self.sums = torch.tensor(sums, dtype=torch.float64, device=self.device)
         self.count = state["count"]
         self.seen = set(state["seen"])
 

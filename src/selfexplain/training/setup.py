@@ -149,6 +149,8 @@ def _load_model(config: TrainingConfig, names: Sequence[str]) -> ViTForSelfExpla
             "value": "probs",
             **(config.targets_info or {}),
         }
+        if config.extension_hosts:  # what else the extension learnt to explain (provenance)
+            model.config.selfexplain_targets["extension_hosts"] = [dict(h) for h in config.extension_hosts]
     if config.trainable == "extension":
         if model.explainer is None:
             raise ValueError(
