@@ -40,6 +40,10 @@ _OLD = {"explanation_train": {}}
 #: The extension hosts tried for transfer: the generated domains (never a target), each with its own θ0 fine-tune.
 HOSTS = ["digits-on-clutter", "shapes-on-clutter"]
 
+#: The representation game (`explanation_game="representation"`: the `extension_representation` suite trains it
+#: for 10 epochs), lr 3e-3, at three training lengths.
+_REPR = {"explanation_game": "representation"}
+
 #: name → (changes to the `extension` suite's config, what the change tests)
 VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "suite recipe": ({}, "the suite's model, reused: 1 block, 8 coalitions/image, lr 3e-3, 30 epochs"),
@@ -77,6 +81,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         "each (3x the work per epoch: compare with `lr 3e-3`, the same recipe without hosts, and the suite's 30 "
         "epochs, the same compute)",
     ),
+    **{
+        f"representation game, {epochs} epochs": (
+            {**_REPR, "explanation_train": {"learning_rate": 3e-3, "num_epochs": epochs}},
+            "supervision: the Shapley values of the frozen backbone's CLS token (a 64-dim game) instead of the "
+            f"source head's probabilities, lr 3e-3, {epochs} epochs",
+        )
+        for epochs in (10, 20, 30)
+    },
 }
 
 
@@ -105,7 +117,10 @@ def _slug(name: str) -> str:
 def _experiment(name: str, out: Path):
     from selfexplain.experiments.experiment import Experiment, ExperimentConfig
 
-    changes = VARIANTS[name][0]
+    # Every variant is explicit about its game: all but the representation rows play the probability game.
+    changes = (
+        VARIANTS[name][0] if name == "suite recipe" else {"explanation_game": "probs", **VARIANTS[name][0]}
+    )
     config = ExperimentConfig.from_json_file(CONFIG, output_dir=str(out), report_dir=None, **changes)
     return Experiment(config, log=lambda message: None)
 
@@ -147,6 +162,32 @@ def reference(seed: int, args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         save_file({"reference": ref.contiguous(), "check": torch.tensor([check])}, path)
     saved = load_file(path)
     return x, classes, saved["reference"]
+
+
+def _suite_model(seed: int, domain: str, args):
+    from selfexplain import ViTForSelfExplainingClassification
+
+    return ViTForSelfExplainingClassification.from_pretrained(
+        Path(args.suite_work) / f"seed{seed}" / f"{domain}-prediction_only"
+    ).eval()
+
+
+def logit_reference_agreement(model, x, classes, reference, seed: int, args, domain: str) -> float:
+    """Pearson between the probability reference and Kernel SHAP of the *logits* (same budget, images and seed):
+    how far the representation game's map (logit Shapley values) can be from the probability yardstick."""
+    from selfexplain.attribution.shapley import kernel_shap_values
+    from selfexplain.experiments.experiment import ExperimentConfig, agreement
+
+    config = ExperimentConfig.from_json_file(CONFIG, output_dir=str(Path(args.suite_work).parent))
+    path = Path(args.cache) / f"logit-reference-{domain}-seed{seed}.safetensors"
+    rows = torch.arange(len(reference))
+    if not path.exists():
+        values = kernel_shap_values(
+            model, x[rows], grid=config.grid(),
+            budget=config.reference_budget, baseline=config.baseline, seed=10_000 + seed, value="logits",
+        )[rows, classes[rows]]  # fmt: skip
+        save_file({"reference": values.contiguous()}, path)
+    return agreement(load_file(path)["reference"], reference)["pearson"]
 
 
 def score(name: str, seed: int, x, classes, ref, curve, args) -> dict[str, Any]:
@@ -228,6 +269,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         target = target.get("result", target)
         transfer = transfer_data(seed, args)
+        source_model = _suite_model(seed, SOURCE, args)
+        logit_agreement = {
+            SOURCE: logit_reference_agreement(source_model, x, classes, ref, seed, args, SOURCE),
+            TARGET: logit_reference_agreement(
+                transfer["target"],
+                transfer["x"],
+                transfer["classes"],
+                transfer["reference"],
+                seed,
+                args,
+                TARGET,
+            ),
+        }
         for name, info in zip(args.variants, [t for t in trained if t["seed"] == seed], strict=True):
             row = {
                 "variant": name,
@@ -242,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             rollout = target["explainers"]["attention_rollout"]
             row["target_rollout"] = {k: rollout[k] for k in ("pearson", "insertion", "deletion")}
             row["suite_transfer_pearson"] = target["transfer"][SOURCE]["sweep"]["1"]["pearson"]
+            row["logit_vs_prob_reference"] = logit_agreement
             rows.append(row)
             print(
                 f"seed {seed} {name}: pearson {row['pearson']:.3f}, -> {TARGET} {row['transfer_pearson']:.3f}",
@@ -315,6 +370,10 @@ def write(rows: list[dict], args, wall: float) -> None:
         "",
         "In-domain attention rollout on the same images (the suite's): Pearson "
         + ", ".join(f"{r['rollout_pearson']:.3f}" for r in rows if r["variant"] == rows[0]["variant"])
+        + ". The representation-game rows give each classifier's *logit* Shapley values: on the same images the "
+        + "Kernel SHAP reference of the logits (same budget and seed) agrees with the probability reference at "
+        + "Pearson "
+        + "; ".join(", ".join(f"{d} {v:.3f}" for d, v in r["logit_vs_prob_reference"].items()) for r in first)
         + ". Every variant's top-1 equals the classifier's: "
         + str(all(r["top1_as_classifier"] for r in rows))
         + ".",

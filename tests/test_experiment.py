@@ -165,3 +165,41 @@ def test_kernel_shap_values_are_cached_by_what_they_depend_on(tmp_path):
         assert not torch.equal(changed(), marker)
     assert len(list(cache.glob("*.safetensors"))) == 5
     assert not list(cache.glob("*.partial"))
+
+
+def test_a_finished_model_trained_with_other_settings_is_not_reused(tmp_path):
+    """A suite resumed after its config changed must not report numbers of models the new config did not make:
+    a finished model whose training config differs (other than where things are) is refused, not reused."""
+    from selfexplain.experiments.experiment import Experiment, ExperimentConfig
+    from selfexplain.training import TrainingConfig
+    from tests._tiny import tiny_classifier
+
+    config = ExperimentConfig(
+        name="stale",
+        sources=["mnist"],
+        targets=["digits"],
+        output_dir=str(tmp_path / "suite"),
+        base={"image_size": 16, "patch_size": 4},
+        train={"num_epochs": 2},
+    )
+    experiment = Experiment(config, log=lambda message: None)
+    seed_dir = tmp_path / "suite" / "work" / "seed0"
+    tiny_classifier(seed=0).save_pretrained(seed_dir / "base")
+    finished = seed_dir / "mnist-prediction_only"
+    tiny_classifier(seed=1).save_pretrained(finished)
+    trained_as = dict(
+        base=str(seed_dir / "base"), output_dir=str(finished), seed=0, source_dataset="builtin:mnist",
+        num_epochs=2, batch_size=64, learning_rate=1e-3, checkpoint_every=None, log_every=20,
+    )  # fmt: skip
+    TrainingConfig(**trained_as).to_json_file(finished / "training_config.json")
+    assert experiment.finetune(0, "mnist", 0.0) == finished  # the same settings: reused, not retrained
+    # Recorded at another path (a benchmark linking the suite's models): the same training, reused.
+    TrainingConfig(**{**trained_as, "base": "elsewhere/base", "output_dir": "elsewhere/m"}).to_json_file(
+        finished / "training_config.json"
+    )
+    assert experiment.finetune(0, "mnist", 0.0) == finished
+    TrainingConfig(**{**trained_as, "num_epochs": 3}).to_json_file(finished / "training_config.json")
+    weights = (finished / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="num_epochs: trained with 3, asked 2"):
+        experiment.finetune(0, "mnist", 0.0)
+    assert (finished / "model.safetensors").read_bytes() == weights  # nothing deleted

@@ -157,6 +157,9 @@ class SelfExplainingImageClassifierOutput(ModelOutput):
         explained_classes: the class indices the explanation is for: `(batch,)` or `(batch, num_explained)`.
         classification_loss: the classification part of `loss`, when `labels` were given.
         explanation_loss: the (unweighted) explanation part of `loss`, when `explanation_targets` were given.
+        explanation_tokens: `(batch, num_patches, hidden_size)` the patch tokens the classifier scores into the
+            explanation (the extension's output, or the final patch tokens of the shared head), when
+            `output_explanation_tokens=True`. Any linear head reads its own map from them.
         hidden_states: as in `ViTForImageClassification`, when `output_hidden_states=True`.
         attentions: as in `ViTForImageClassification`, when `output_attentions=True`.
     """
@@ -167,6 +170,7 @@ class SelfExplainingImageClassifierOutput(ModelOutput):
     explained_classes: torch.LongTensor | None = None
     classification_loss: torch.FloatTensor | None = None
     explanation_loss: torch.FloatTensor | None = None
+    explanation_tokens: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -314,6 +318,7 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
         explain: ExplainSpec = "predicted",
         interpolate_pos_encoding: bool | None = None,
         attention_mask: torch.Tensor | None = None,
+        output_explanation_tokens: bool = False,
         **kwargs,
     ) -> SelfExplainingImageClassifierOutput:
         r"""
@@ -327,6 +332,9 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
             Which explanation to return: `"predicted"` (the argmax class of each image), `"all"` classes, one
             class index for every image, a list of class indices (the same for every image), a `(batch,)` tensor
             (one class per image) or a `(batch, k)` tensor, or `None` (no explanation).
+        output_explanation_tokens (`bool`, defaults to `False`):
+            Also return the patch tokens the explanation is scored from (`explanation_tokens`), e.g. to train
+            the extension on a game with vector values (`explanation_game="representation"` in training).
         """
         if pixel_values is None:
             raise ValueError("You have to specify `pixel_values`.")
@@ -341,7 +349,9 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
         logits = self.classifier(sequence_output[:, 0, :])
 
         grid = self.patch_grid(pixel_values)
-        wants_explanation = explain is not None or explanation_targets is not None
+        wants_explanation = (
+            explain is not None or explanation_targets is not None or output_explanation_tokens
+        )
         if self.explainer is not None and wants_explanation:
             patch_tokens = self.explainer(sequence_output)
         else:
@@ -376,6 +386,7 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
             explained_classes=explained_classes,
             classification_loss=classification_loss,
             explanation_loss=explanation_loss,
+            explanation_tokens=patch_tokens if output_explanation_tokens else None,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )

@@ -14,6 +14,13 @@ values of v, with no Kernel SHAP targets ever computed. Efficiency is enforced a
 (v(all) − v(∅) − Σφ) / n is added to every player before the loss. All classes are fitted at once: one masked
 forward pass of the frozen classifier gives the values of every class.
 
+The value of a coalition is a vector: the class probabilities by default (``game="probs"``, the paper's
+convention), or, with ``game="representation"``, the value model's final CLS token, the representation its
+linear classifier reads (``z(S) = W·r(S) + b``). Shapley values are linear in the game, so an explainer that
+outputs the Shapley values of ``r`` (one ``hidden_size`` vector per patch) gives *every* linear head on that
+backbone its own logit Shapley values ``W·φ_r``: the supervision no longer depends on the source's label set,
+which is what lets an explanation extension trained on one head be read by another.
+
 The explanation of `ViTForSelfExplainingClassification` is on the scale of one whole-image probability per
 patch (its patch scores are ``n · φ``: the ``explanation_target_scale="num_players"`` convention of the
 target-based loss), so ``φ = explanation / n``.
@@ -29,7 +36,17 @@ import torch
 from .masking import BaselineKind, make_baseline, mask_images
 from .model_call import model_logits
 
-__all__ = ["amortized_shapley_loss", "coalition_values", "example_generators", "shapley_kernel_coalitions"]
+__all__ = [
+    "SHAPLEY_GAMES",
+    "amortized_shapley_loss",
+    "cls_representation",
+    "coalition_values",
+    "example_generators",
+    "shapley_kernel_coalitions",
+]
+
+#: What a coalition is worth: the class probabilities, or the backbone's final CLS token (see the module doc).
+SHAPLEY_GAMES: tuple[str, ...] = ("probs", "representation")
 
 
 def shapley_kernel_coalitions(
@@ -68,12 +85,23 @@ def coalition_values(
     grid: tuple[int, int],
     baseline: BaselineKind | torch.Tensor = "mean",
     batch_size: int = 1024,
+    game: str = "probs",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Class probabilities of ``model`` on every coalition, on the empty and on the full image.
+    """Class probabilities of ``model`` (or, with ``game="representation"``, its final CLS token) on every
+    coalition, on the empty and on the full image.
 
-    Returns ``(values (B, M, C), v_empty (B, C), v_full (B, C))``, float32 on ``pixel_values``' device. The
-    model is the frozen value function: it runs under ``torch.no_grad``, ``batch_size`` masked images at a time.
+    Returns ``(values (B, M, K), v_empty (B, K), v_full (B, K))``, float32 on ``pixel_values``' device, with
+    ``K`` the number of classes (or ``hidden_size``). The model is the frozen value function: it runs under
+    ``torch.no_grad``, ``batch_size`` masked images at a time.
     """
+    if game not in SHAPLEY_GAMES:
+        raise ValueError(f"`game` must be one of {SHAPLEY_GAMES}, got {game!r}.")
+
+    def value(images: torch.Tensor) -> torch.Tensor:
+        if game == "representation":
+            return cls_representation(model, images).float()
+        return model_logits(model, images).float().softmax(-1)
+
     batch, num_coalitions, num_players = coalitions.shape
     if num_players != grid[0] * grid[1]:
         raise ValueError(f"Coalitions have {num_players} players, the grid {grid} has {grid[0] * grid[1]}.")
@@ -86,10 +114,22 @@ def coalition_values(
         for start in range(0, batch, per_chunk):
             rows = slice(start, start + per_chunk)
             masked = mask_images(images[rows], filled[rows], keep[rows])
-            chunks.append(model_logits(model, masked).float().softmax(-1))
-        ends = model_logits(model, torch.cat([filled, images])).float().softmax(-1)
+            chunks.append(value(masked))
+        ends = value(torch.cat([filled, images]))
     values = torch.cat(chunks).view(batch, num_coalitions, -1)
     return values, ends[:batch], ends[batch:]
+
+
+def cls_representation(model: Callable, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``(batch, hidden_size)``: the final (normed) CLS token of a 🤗 ViT classifier, the vector its linear
+    classifier turns into logits. ``model`` is a ``ViTForImageClassification`` or
+    ``ViTForSelfExplainingClassification`` (anything whose ``base_model`` returns ``last_hidden_state``)."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise TypeError(
+            f'game="representation" needs a 🤗 ViT classifier (with a `base_model`), got {type(model).__name__}.'
+        )
+    return base(pixel_values=pixel_values).last_hidden_state[:, 0]
 
 
 def amortized_shapley_loss(
@@ -102,13 +142,14 @@ def amortized_shapley_loss(
     """The weighted-least-squares loss of the amortised Shapley objective, efficiency enforced additively.
 
     Args:
-        phi: ``(B, C, n)`` the explainer's Shapley estimates for every class (differentiable).
+        phi: ``(B, K, n)`` the explainer's Shapley estimates for every class (or every representation
+            coordinate; differentiable).
         coalitions: ``(B, M, n)`` bool coalitions from :func:`shapley_kernel_coalitions` (the kernel's
             weights are in how they were sampled, so every coalition counts once).
         values, v_empty, v_full: from :func:`coalition_values`.
 
     Returns:
-        The mean over images and coalitions of ``‖v(∅) + Σ_{i∈S} φ̂_i − v(S)‖²`` summed over classes.
+        The mean over images and coalitions of ``‖v(∅) + Σ_{i∈S} φ̂_i − v(S)‖²`` summed over the K outputs.
     """
     num_players = phi.shape[-1]
     gap = (v_full - v_empty).to(phi.dtype) - phi.sum(-1)

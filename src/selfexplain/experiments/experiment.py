@@ -72,6 +72,9 @@ class ExperimentConfig:
     # "targets": Kernel SHAP targets at `target_budget`, fitted with `explanation_loss`.
     explanation_objective: str = "shapley"
     coalitions_per_image: int = 2
+    # With "shapley": what a coalition is worth, the value model's class probabilities ("probs") or its final CLS
+    # token ("representation", needs trainable "extension"): `TrainingConfig.explanation_game`.
+    explanation_game: str = "probs"
     explanation_loss: str = "mse"
     # "shared": the self-explaining model's classifier scores its last patch tokens; "extension": an explanation
     # extension of `explanation_extension_layers` blocks sits in between (it travels inside the vector).
@@ -216,8 +219,6 @@ class Experiment:
     def finetune(self, seed: int, domain: str, explanation_weight: float, targets_ds=None) -> Path:
         kind = "self_explaining" if explanation_weight > 0 else "prediction_only"
         path = self.work / f"seed{seed}" / f"{domain}-{kind}"
-        if (path / "config.json").exists():
-            return path
         base = self.base(seed)  # first, so that the log reads in the order things happen
         head = {}
         if explanation_weight > 0:
@@ -230,13 +231,6 @@ class Experiment:
                 self.config.trainable == "extension"
             ):  # the extension learns on the frozen prediction-only model
                 base = self.finetune(seed, domain, 0.0)
-        self.log(f"[seed {seed}] training {kind} model on {domain} -> {path}")
-        train_ds = (
-            targets_ds
-            if targets_ds is not None
-            else self.dataset(domain, seed, "train", self.config.num_train)
-        )
-        eval_ds = self.dataset(domain, seed, "validation", None)
         recipe = {
             "num_epochs": 4,
             "batch_size": 64,
@@ -253,6 +247,7 @@ class Experiment:
                 "value_model": str(self.finetune(seed, domain, 0.0)),
                 "coalitions_per_image": self.config.coalitions_per_image,
                 "removal_baseline": self.config.baseline,
+                "explanation_game": self.config.explanation_game,
             }
         hosts = [d for d in self.config.extension_hosts if d != domain] if explanation_weight > 0 else []
         if hosts:
@@ -271,6 +266,16 @@ class Experiment:
             **head,
             **recipe,
         )
+        if (path / "config.json").exists():
+            _check_trained_with(path, config)
+            return path
+        self.log(f"[seed {seed}] training {kind} model on {domain} -> {path}")
+        train_ds = (
+            targets_ds
+            if targets_ds is not None
+            else self.dataset(domain, seed, "train", self.config.num_train)
+        )
+        eval_ds = self.dataset(domain, seed, "validation", None)
         host_data = [self.dataset(d, seed, "train", self.config.num_train) for d in hosts] or None
         self._timed(
             f"train_{kind}",
@@ -319,7 +324,14 @@ class Experiment:
 
     def vector(self, seed: int, source: str) -> ExplanationVector:
         path = self.work / f"seed{seed}" / f"{source}-vector"
-        if not (path / "explanation_vector_config.json").exists():
+        se_path = self.work / f"seed{seed}" / f"{source}-self_explaining"
+        built = path / "explanation_vector_config.json"
+        # A vector older than its self-explaining model was made from an earlier one: make it again.
+        if built.exists() and (se_path / "model.safetensors").exists():
+            if built.stat().st_mtime < (se_path / "model.safetensors").stat().st_mtime:
+                self.log(f"[seed {seed}] {path} predates {se_path}: rebuilding it")
+                built.unlink()
+        if not built.exists():
             pred = self.load(self.finetune(seed, source, 0.0))
             se_path = self.finetune(
                 seed, source, self.config.explanation_loss_weight, self.with_targets(seed, source)
@@ -896,6 +908,34 @@ def _environment(workers: int = 1) -> dict[str, str]:
         "machine": f"{platform.machine()}, {cores} cores, {workers} worker process(es) × "
         f"{torch.get_num_threads()} thread(s)",
     }
+
+
+#: Training settings that name where things are, not how they are trained: a suite whose models are linked
+#: from another folder (a benchmark reusing the suite's θ0) records other paths for the same training.
+_PATH_SETTINGS = frozenset({"base", "output_dir", "value_model", "extension_hosts", "resume"})
+
+
+def _check_trained_with(path: Path, config: TrainingConfig) -> None:
+    """Refuse to reuse a finished model that was trained with other settings than the suite asks for now: its
+    numbers would be reported under a configuration that did not produce them. Nothing is deleted."""
+    saved_file = path / "training_config.json"
+    if not saved_file.exists():
+        return  # trained outside `train` (e.g. a packaged model): nothing to compare
+    saved = TrainingConfig.from_json_file(saved_file).to_dict()
+    wanted = config.to_dict()
+    different = {
+        key: (saved.get(key), value)
+        for key, value in wanted.items()
+        if key not in _PATH_SETTINGS and saved.get(key) != value
+    }
+    if different:
+        details = ", ".join(
+            f"{k}: trained with {a!r}, asked {b!r}" for k, (a, b) in sorted(different.items())
+        )
+        raise ValueError(
+            f"{path} was trained with other settings than this suite asks for ({details}). Move it (and the "
+            "results that used it) away to retrain, or point output_dir elsewhere."
+        )
 
 
 # ------------------------------------------------------------------------------------------------- units

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..attribution.amortized import SHAPLEY_GAMES
 from ..attribution.masking import BASELINE_KINDS
 from ..data.columns import EXPLANATION_TARGETS_COLUMN
 
@@ -130,6 +131,13 @@ class TrainingConfig:
         'For "shapley": Hub id or folder of the frozen classifier whose probabilities are v(S).',
         parse=str,
     )
+    explanation_game: str = _field(
+        "probs",
+        f'For "shapley", one of {SHAPLEY_GAMES}: v(S) is the value model\'s class probabilities, or its final CLS '
+        'token (needs trainable="extension": the extension learns the Shapley values of the representation, '
+        "and any linear head on that backbone reads its own logit Shapley values from them).",
+        parse=str,
+    )
     coalitions_per_image: int = _field(
         32, 'For "shapley": coalitions drawn per image and step (pairs with their complements).', parse=int
     )
@@ -237,6 +245,21 @@ class TrainingConfig:
         )
         if self.uses_shapley_objective:
             _check(self.value_model is not None, "value_model", self.value_model, 'set for "shapley"')
+        _check(
+            self.explanation_game in SHAPLEY_GAMES,
+            "explanation_game",
+            self.explanation_game,
+            f"one of {SHAPLEY_GAMES}",
+        )
+        if self.explanation_game == "representation":
+            # The representation's Shapley values are read by the frozen backbone's heads: only an extension on a
+            # frozen backbone keeps them valid (a trained backbone would drift from the value model's).
+            _check(
+                self.uses_shapley_objective and self.trainable == "extension",
+                "explanation_game",
+                self.explanation_game,
+                'used only with explanation_objective="shapley", λ > 0 and trainable="extension"',
+            )
         _check(
             _is_int(self.coalitions_per_image)
             and self.coalitions_per_image >= 2

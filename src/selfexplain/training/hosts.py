@@ -71,22 +71,31 @@ class ExtensionHost:
         return _collate(self.examples.__getitems__([(step, index) for index in indices]))
 
     def shapley_loss(
-        self, batch: dict[str, torch.Tensor], seed: int, step: int, coalitions_per_image: int, baseline: str
+        self,
+        batch: dict[str, torch.Tensor],
+        seed: int,
+        step: int,
+        coalitions_per_image: int,
+        baseline: str,
+        game: str = "probs",
     ) -> torch.Tensor:
-        """The amortised Shapley loss of the extension on this host (values from the host's own logits)."""
+        """The amortised Shapley loss of the extension on this host (values from the host's own probabilities,
+        or its own CLS representation for ``game="representation"``)."""
         pixel_values = batch["pixel_values"].to(self.model.device)
-        explanation = self.model(pixel_values=pixel_values, explain="all").explanation
-        grid = tuple(explanation.shape[-2:])
+        grid = self.model.patch_grid(pixel_values)
         num_players = grid[0] * grid[1]
+        if game == "representation":
+            tokens = self.model(pixel_values=pixel_values, explain=None, output_explanation_tokens=True)
+            explanation = tokens.explanation_tokens.transpose(1, 2)
+        else:
+            explanation = self.model(pixel_values=pixel_values, explain="all").explanation.flatten(2)
         offset = (self.index + 1) * _HOST_INDEX_OFFSET
         generators = example_generators(seed, step, [offset + i for i in batch[INDEX_KEY].tolist()])
         coalitions = shapley_kernel_coalitions(num_players, coalitions_per_image // 2, generators)
         values, v_empty, v_full = coalition_values(
-            self.model, pixel_values, coalitions.to(pixel_values.device), grid, baseline
+            self.model, pixel_values, coalitions.to(pixel_values.device), grid, baseline, game=game
         )
-        return amortized_shapley_loss(
-            explanation.flatten(2) / num_players, coalitions, values, v_empty, v_full
-        )
+        return amortized_shapley_loss(explanation / num_players, coalitions, values, v_empty, v_full)
 
 
 def load_extension_hosts(

@@ -209,7 +209,11 @@ def train(
 
     output_dir = Path(config.output_dir)
     value_model = (
-        _load_value_model(config, names, accelerator.device) if config.uses_shapley_objective else None
+        _load_value_model(
+            config, names, accelerator.device, accelerator.unwrap_model(model).config.hidden_size
+        )
+        if config.uses_shapley_objective
+        else None
     )
     hosts = []
     if config.extension_hosts:
@@ -381,6 +385,7 @@ class _Run:
 
     def _optimizer_step(self, micro_batches: Iterator[dict[str, torch.Tensor]]) -> None:
         accelerator, config = self.accelerator, self.config
+        representation = config.uses_shapley_objective and config.explanation_game == "representation"
         self.model.train()
         for micro in range(self.schedule.accumulation):
             batch = next(micro_batches)
@@ -398,12 +403,15 @@ class _Run:
                         if config.uses_targets
                         else None
                     ),
-                    explain="all" if config.uses_shapley_objective else None,
+                    explain="all" if config.uses_shapley_objective and not representation else None,
+                    output_explanation_tokens=representation,
                 )
                 if config.uses_shapley_objective:
-                    output.explanation_loss = self._shapley_loss(
-                        output.explanation, pixel_values, batch[INDEX_KEY]
+                    # Representation game: the tokens themselves are fitted, one player vector per patch.
+                    scores = (
+                        output.explanation_tokens.transpose(1, 2) if representation else output.explanation
                     )
+                    output.explanation_loss = self._shapley_loss(scores, pixel_values, batch[INDEX_KEY])
                     output.loss = output.loss + config.explanation_loss_weight * output.explanation_loss
                 accelerator.backward(output.loss / self.schedule.accumulation)
                 host_losses = [self._host_loss(host, micro) for host in self.hosts]
@@ -424,14 +432,23 @@ class _Run:
         self, explanation: torch.Tensor, pixel_values: torch.Tensor, indices: torch.Tensor
     ) -> torch.Tensor:
         """The amortised Shapley loss of a micro-batch (docs/design.md §3): coalitions drawn per example from
-        ``(seed, epoch, index)``, valued by the frozen value model; φ = explanation / n."""
-        grid = tuple(explanation.shape[-2:])
+        ``(seed, epoch, index)``, valued by the frozen value model; φ = explanation / n. ``explanation`` is
+        ``(B, classes, gh, gw)``, or ``(B, hidden, n)`` explanation tokens for the representation game."""
+        if explanation.dim() == 4:
+            grid = tuple(explanation.shape[-2:])
+        else:
+            grid = self.accelerator.unwrap_model(self.model).patch_grid(pixel_values)
         num_players = grid[0] * grid[1]
         generators = example_generators(self.config.seed, self.epoch, indices.tolist())
         pairs = self.config.coalitions_per_image // 2
         coalitions = shapley_kernel_coalitions(num_players, pairs, generators).to(pixel_values.device)
         values, v_empty, v_full = coalition_values(
-            self.value_model, pixel_values, coalitions, grid, self.config.removal_baseline
+            self.value_model,
+            pixel_values,
+            coalitions,
+            grid,
+            self.config.removal_baseline,
+            game=self.config.explanation_game,
         )
         phi = explanation.flatten(2) / num_players
         return amortized_shapley_loss(phi, coalitions, values, v_empty, v_full)
@@ -441,7 +458,12 @@ class _Run:
         config = self.config
         batch = host.batch(config.seed, self.global_step, micro, config.batch_size)
         loss = host.shapley_loss(
-            batch, config.seed, self.global_step, config.coalitions_per_image, config.removal_baseline
+            batch,
+            config.seed,
+            self.global_step,
+            config.coalitions_per_image,
+            config.removal_baseline,
+            config.explanation_game,
         )
         self.accelerator.backward(config.explanation_loss_weight * loss / self.schedule.accumulation)
         return loss.detach()

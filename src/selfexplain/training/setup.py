@@ -146,7 +146,7 @@ def _load_model(config: TrainingConfig, names: Sequence[str]) -> ViTForSelfExpla
             "value_model": config.value_model,
             "coalitions_per_image": config.coalitions_per_image,
             "baseline": config.removal_baseline,
-            "value": "probs",
+            "value": config.explanation_game,
             **(config.targets_info or {}),
         }
         if config.extension_hosts:  # what else the extension learnt to explain (provenance)
@@ -169,18 +169,27 @@ def _key_name(key: Any) -> str:
     return key[0] if isinstance(key, (tuple, list)) else str(key)
 
 
-def _load_value_model(config: TrainingConfig, names: Sequence[str], device: torch.device) -> nn.Module:
+def _load_value_model(
+    config: TrainingConfig, names: Sequence[str], device: torch.device, hidden_size: int | None = None
+) -> nn.Module:
     """The frozen classifier whose class probabilities define v(S) for the amortised Shapley objective.
 
     It must score the training labels in the same order (its probabilities are what the explanation of each
-    class is fitted to); usually the prediction-only model trained with the same recipe.
+    class is fitted to); usually the prediction-only model trained with the same recipe. For the
+    representation game its CLS token is the value, so its ``hidden_size`` must be the model's.
     """
     model = ViTForSelfExplainingClassification.from_pretrained(config.value_model)
     theirs = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    if theirs != list(names):
+    if theirs != list(names) and config.explanation_game == "probs":  # the representation has no labels
         raise ValueError(
             f"value_model={config.value_model!r} scores the labels {theirs}, the training data has {list(names)}; "
             "the value model must be a classifier of the same label set (e.g. the prediction-only model)."
+        )
+    if config.explanation_game == "representation" and model.config.hidden_size != hidden_size:
+        raise ValueError(
+            f'explanation_game="representation": value_model={config.value_model!r} has hidden_size '
+            f"{model.config.hidden_size}, the model {hidden_size}; the extension's tokens are fitted to the value "
+            "model's representation, so it must be the model's own backbone (e.g. the prediction-only model)."
         )
     model.requires_grad_(False)
     return model.to(device).eval()
