@@ -1,5 +1,6 @@
-"""What limits the in-domain fidelity of the explanation extension? Training budget, capacity, learning rate,
-and the supervision itself (amortised objective vs Kernel SHAP targets), per CPU-minute.
+"""What limits the in-domain fidelity of the explanation extension, and what carries over to another classifier?
+Training budget, capacity, learning rate, the supervision (amortised objective vs Kernel SHAP targets) and the
+game it fits (the source head's probabilities vs the backbone's representation), per CPU-minute.
 
 Built on a finished `extension` suite (`selfexplain experiment --config extension`): for each seed it reuses the
 suite's prediction-only MNIST classifier (frozen: every variant predicts exactly as it does), its Kernel SHAP
@@ -85,7 +86,12 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         f"representation game, {epochs} epochs": (
             {**_REPR, "explanation_train": {"learning_rate": 3e-3, "num_epochs": epochs}},
             "supervision: the Shapley values of the frozen backbone's CLS token (a 64-dim game) instead of the "
-            f"source head's probabilities, lr 3e-3, {epochs} epochs",
+            f"source head's probabilities, lr 3e-3, {epochs} epochs"
+            + (
+                " (the `extension_representation` suite's recipe; compare with `lr 3e-3`)"
+                if epochs == 10
+                else ""
+            ),
         )
         for epochs in (10, 20, 30)
     },
