@@ -16,14 +16,11 @@ from selfexplain.cli import main as cli_main
 from selfexplain.data import default_image_processor
 from selfexplain.evaluation.metrics import pearson
 from selfexplain.training import TrainingConfig, train
+from tests._extension import COMMON, extension_config
 from tests._squares import IMAGE_SIZE, coloured_squares
 from tests._tiny import tiny_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-COMMON = dict(
-    num_epochs=6, batch_size=16, learning_rate=3e-3, log_every=4, augment=False, checkpoint_every=None
-)
 
 
 def _red_or_not(num_examples: int, seed: int):
@@ -31,21 +28,6 @@ def _red_or_not(num_examples: int, seed: int):
     data = coloured_squares(num_examples, seed=seed).remove_columns("explanation_targets")
     data = data.map(lambda row: {"label": int(row["label"] == 0)})
     return data.cast_column("label", ClassLabel(names=["not red", "red"]))
-
-
-def _extension_config(root, pred, name, **kwargs) -> TrainingConfig:
-    return TrainingConfig(
-        base=str(pred),
-        output_dir=str(root / name),
-        explanation_loss_weight=10.0,
-        explanation_objective="shapley",
-        value_model=str(pred),
-        coalitions_per_image=8,
-        removal_baseline="zero",
-        explanation_head="extension",
-        trainable="extension",
-        **{**COMMON, "num_epochs": 20, **kwargs},
-    )
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +45,8 @@ def runs(tmp_path_factory):
     train(TrainingConfig(base=str(base), output_dir=str(host), **COMMON), red)
     host_file = (host / "model.safetensors").read_bytes()
     alone = root / "alone"
-    train(_extension_config(root, pred, "alone"), colours)
-    hosted_config = _extension_config(root, pred, "hosted", extension_hosts=[{"model": str(host)}])
+    train(extension_config(root, pred, "alone"), colours)
+    hosted_config = extension_config(root, pred, "hosted", extension_hosts=[{"model": str(host)}])
     train(hosted_config, colours, host_datasets=[red])
     return {"root": root, "base": base, "pred": pred, "host": host, "alone": alone, "hosted": root / "hosted",
             "colours": colours, "red": red, "host_file": host_file}  # fmt: skip
@@ -118,9 +100,7 @@ def test_an_extension_trained_with_a_host_explains_that_host_better(runs):
 
 
 def test_the_same_hosted_run_gives_the_same_extension(runs, tmp_path):
-    config = _extension_config(
-        tmp_path, runs["pred"], "again", extension_hosts=[{"model": str(runs["host"])}]
-    )
+    config = extension_config(tmp_path, runs["pred"], "again", extension_hosts=[{"model": str(runs["host"])}])
     train(config, runs["colours"], host_datasets=[runs["red"]])
     first, second = (
         load_file(runs["hosted"] / "model.safetensors"),
@@ -140,15 +120,15 @@ def test_hosts_are_validated_before_training(runs, tmp_path):
         [{"model": host, "data": 3}],
     ):
         with pytest.raises(ValueError, match="extension_hosts"):
-            _extension_config(tmp_path, pred, "x", extension_hosts=bad)
-    config = _extension_config(tmp_path, pred, "x", extension_hosts=[{"model": host}], max_steps=1)
+            extension_config(tmp_path, pred, "x", extension_hosts=bad)
+    config = extension_config(tmp_path, pred, "x", extension_hosts=[{"model": host}], max_steps=1)
     with pytest.raises(ValueError, match='has no "data"'):
         train(config, runs["colours"])
     with pytest.raises(ValueError, match="one per host"):
         train(config, runs["colours"], host_datasets=[runs["red"], runs["red"]])
     wider = tmp_path / "wider"
     tiny_classifier(seed=1, hidden_size=48, num_labels=2).save_pretrained(wider)
-    config = _extension_config(tmp_path, pred, "x", extension_hosts=[{"model": str(wider)}], max_steps=1)
+    config = extension_config(tmp_path, pred, "x", extension_hosts=[{"model": str(wider)}], max_steps=1)
     with pytest.raises(ValueError, match="hidden_size"):
         train(config, runs["colours"], host_datasets=[runs["red"]])
 

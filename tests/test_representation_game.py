@@ -16,28 +16,11 @@ from selfexplain.attribution.shapley import kernel_shap_values
 from selfexplain.data import default_image_processor
 from selfexplain.evaluation.metrics import pearson
 from selfexplain.training import TrainingConfig, train
+from tests._extension import COMMON, extension_config
 from tests._squares import IMAGE_SIZE, coloured_squares
 from tests._tiny import pixels, tiny_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-COMMON = dict(
-    num_epochs=6, batch_size=16, learning_rate=3e-3, log_every=4, augment=False, checkpoint_every=None
-)
-
-
-def _extension_config(root, pred, name, **kwargs) -> TrainingConfig:
-    return TrainingConfig(
-        base=str(pred),
-        output_dir=str(root / name),
-        explanation_loss_weight=10.0,
-        explanation_objective="shapley",
-        coalitions_per_image=8,
-        removal_baseline="zero",
-        explanation_head="extension",
-        trainable="extension",
-        **{**COMMON, "num_epochs": 20, "value_model": str(pred), **kwargs},
-    )
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +34,8 @@ def runs(tmp_path_factory):
     colours = coloured_squares(64, seed=0).remove_columns("explanation_targets")
     pred = root / "pred"
     train(TrainingConfig(base=str(base), output_dir=str(pred), **COMMON), colours)
-    train(_extension_config(root, pred, "probs"), colours)
-    train(_extension_config(root, pred, "representation", explanation_game="representation"), colours)
+    train(extension_config(root, pred, "probs"), colours)
+    train(extension_config(root, pred, "representation", explanation_game="representation"), colours)
     return {"root": root, "pred": pred, "probs": root / "probs", "representation": root / "representation"}
 
 
@@ -127,7 +110,7 @@ def test_the_representation_game_needs_a_frozen_backbone_and_its_width(runs, tmp
         seed=0, num_labels=3, hidden_size=48, id2label={0: "red", 1: "green", 2: "blue"}
     ).save_pretrained(wide)
     colours = coloured_squares(32, seed=0).remove_columns("explanation_targets")
-    config = _extension_config(
+    config = extension_config(
         tmp_path, runs["pred"], "bad", explanation_game="representation", value_model=str(wide)
     )
     with pytest.raises(ValueError, match="hidden_size 48"):
