@@ -95,6 +95,15 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         )
         for epochs in (10, 20, 30)
     },
+    # The recipe clips the gradient norm at 1.0 (TrainingConfig's default); with λ = 100 every step is clipped.
+    "lr 3e-3, no clipping": (
+        {"explanation_train": {"learning_rate": 3e-3, "max_grad_norm": None}},
+        "optimisation: `lr 3e-3` without gradient clipping (max_grad_norm 1.0 clips every step at λ = 100)",
+    ),
+    "representation game, 10 epochs, no clipping": (
+        {**_REPR, "explanation_train": {"learning_rate": 3e-3, "num_epochs": 10, "max_grad_norm": None}},
+        "the `representation game, 10 epochs` row without gradient clipping",
+    ),
 }
 
 
@@ -321,6 +330,11 @@ def write(rows: list[dict], args, wall: float) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/extension_ablation.py --seeds " + " ".join(map(str, args.seeds))
+    if list(args.variants) != list(VARIANTS):  # a subset: the command names it, and where it wrote
+        command += " --variants " + " ".join(f'"{name}"' for name in args.variants)
+        command += (
+            f" --out {Path(args.out).relative_to(ROOT) if Path(args.out).is_relative_to(ROOT) else args.out}"
+        )
     out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     lines = [
         "# Explanation extension: what limits its in-domain fidelity (MNIST), and what it does to transfer",
