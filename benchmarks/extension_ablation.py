@@ -95,10 +95,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         )
         for epochs in (10, 20, 30)
     },
-    # The recipe clips the gradient norm at 1.0 (TrainingConfig's default); with λ = 100 every step is clipped.
+    # The recipe clips the gradient norm at 1.0 (TrainingConfig's default max_grad_norm).
     "lr 3e-3, no clipping": (
         {"explanation_train": {"learning_rate": 3e-3, "max_grad_norm": None}},
-        "optimisation: `lr 3e-3` without gradient clipping (max_grad_norm 1.0 clips every step at λ = 100)",
+        "optimisation: `lr 3e-3` without gradient clipping (the recipe's max_grad_norm is 1.0)",
     ),
     "representation game, 10 epochs, no clipping": (
         {**_REPR, "explanation_train": {"learning_rate": 3e-3, "num_epochs": 10, "max_grad_norm": None}},
