@@ -1,8 +1,8 @@
 """Choosing α without labels: the source's global α vs `fit_alpha` (global and per block) on the transfer suite, for
 single-source, merged and union-trained vectors.
 
-Built on a finished suite (`selfexplain experiment --config full`, or `--config extension` with
-`--config extension`): its target models, vectors and the α
+Built on a finished suite (`selfexplain experiment --config full`, or `--config shared_head` with
+`--config shared_head`): its target models, vectors and the α
 each vector recommends (chosen on the source). For every seed and target, each vector is applied with
 - `source α`: the α recommended on the source (the paper's recipe),
 - `fit, global`: `fit_alpha(per_layer=False)` on unlabelled target validation images,
@@ -12,7 +12,7 @@ insertion − deletion AUC of the model's own map (label-free faithfulness) agai
 Vectors: each source's, and `ties(mnist, union)`: the two merged with TIES (density 0.5).
 
     python benchmarks/alpha_fitting.py        # writes docs/results/alpha_fitting.md (+ .json)
-    python benchmarks/alpha_fitting.py --config extension --report docs/results/alpha_fitting_extension.md
+    python benchmarks/alpha_fitting.py --config shared_head --report docs/results/alpha_fitting_shared_head.md
 
 Results are cached per seed and target under `<output-dir>/alpha_fitting/`.
 """
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--config",
         default="full",
-        help="The suite (a name in selfexplain/experiments/configs): full, extension.",
+        help="The suite (a name in selfexplain/experiments/configs): full, shared_head.",
     )
     parser.add_argument(
         "--output-dir", type=Path, default=None, help="The suite's output (default: its config's output_dir)."

@@ -2,7 +2,7 @@
 Training budget, capacity, learning rate, the supervision (amortised objective vs Kernel SHAP targets) and the
 game it fits (the source head's probabilities vs the backbone's representation), per CPU-minute.
 
-Built on a finished `extension` suite (`selfexplain experiment --config extension`): for each seed it reuses the
+Built on a finished `full` suite (`selfexplain experiment --config full`: the explanation extension): for each seed it reuses the
 suite's prediction-only MNIST classifier (frozen: every variant predicts exactly as it does), its Kernel SHAP
 reference (recomputed here with the suite's seeds on the same images: the classifier's logits are all a reference
 reads, so it is the reference of every variant) and the suite's Kernel SHAP budget curve (B*). Each variant trains
@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "src" / "selfexplain" / "experiments" / "configs" / "extension.json"
+CONFIG = ROOT / "src" / "selfexplain" / "experiments" / "configs" / "full.json"
 SOURCE = "mnist"
 TARGET = "digits"  # transfer is scored on the suite's related target
 
@@ -45,7 +45,7 @@ HOSTS = ["digits-on-clutter", "shapes-on-clutter"]
 #: for 10 epochs), lr 3e-3, at three training lengths.
 _REPR = {"explanation_game": "representation"}
 
-#: name → (changes to the `extension` suite's config, what the change tests)
+#: name → (changes to the `full` suite's config, what the change tests)
 VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "suite recipe": ({}, "the suite's model, reused: 1 block, 8 coalitions/image, lr 3e-3, 30 epochs"),
     "10 epochs, lr 1e-3": (
@@ -88,7 +88,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
             "supervision: the Shapley values of the frozen backbone's CLS token (a 64-dim game) instead of the "
             f"source head's probabilities, lr 3e-3, {epochs} epochs"
             + (
-                " (the `extension_representation` suite's recipe; compare with `lr 3e-3`)"
+                " (the first `extension_representation` suite's recipe, clipped; compare with `lr 3e-3`)"
                 if epochs == 10
                 else ""
             ),
@@ -102,7 +102,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "representation game, 10 epochs, no clipping": (
         {**_REPR, "explanation_train": {"learning_rate": 3e-3, "num_epochs": 10, "max_grad_norm": None}},
-        "the `representation game, 10 epochs` row without gradient clipping",
+        "the `representation game, 10 epochs` row without gradient clipping (the `extension_representation` "
+        "suite's recipe)",
     ),
 }
 
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--suite-work", default=str(ROOT / "outputs" / "extension" / "work"))
+    parser.add_argument("--suite-work", default=str(ROOT / "outputs" / "full" / "work"))
     parser.add_argument("--cache", default=str(ROOT / "outputs" / "extension_ablation"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -339,7 +340,7 @@ def write(rows: list[dict], args, wall: float) -> None:
     lines = [
         "# Explanation extension: what limits its in-domain fidelity (MNIST), and what it does to transfer",
         "",
-        f"Produced by `{command}` on top of `selfexplain experiment --config extension`; this invocation's wall "
+        f"Produced by `{command}` on top of `selfexplain experiment --config full`; this invocation's wall "
         f"time {wall / 60:.1f} min on {_environment(args.workers)['machine']} (variants already trained are read "
         "back: their training CPU time below is the one recorded when they were trained). Every variant trains an extension "
         '(`trainable="extension"`) on the suite\'s frozen prediction-only MNIST classifier (so every variant predicts '

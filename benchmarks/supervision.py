@@ -1,7 +1,7 @@
 """Which explanation supervision buys more in-domain fidelity per CPU-minute: Kernel SHAP targets or the amortised
 Shapley objective?
 
-Built on the `full` suite's seed-0 MNIST source (run `selfexplain experiment --config full` first): the amortised
+Built on the `shared_head` suite's seed-0 MNIST source (run `selfexplain experiment --config shared_head` first): the amortised
 row is that suite's own in-domain result; each Kernel SHAP-targets variant trains the MNIST self-explaining model
 from the same base θ0, with the same prediction-only model (whose Kernel SHAP values are the targets) and the same
 recipe (λ = 100, MSE), and is scored the same way (`Experiment.evaluate_source`: its single pass against a converged
@@ -25,17 +25,17 @@ from selfexplain.experiments.experiment import Experiment, ExperimentConfig, _en
 from selfexplain.experiments.report import _budget_text
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = ROOT / "src" / "selfexplain" / "experiments" / "configs" / "full.json"
+SUITE_CONFIG = ROOT / "src" / "selfexplain" / "experiments" / "configs" / "shared_head.json"
 
 #: Kernel SHAP budgets per training image of the targets variants.
 TARGET_BUDGETS = (128,)
 SUPERVISION_TIMINGS = ("shapley_targets", "train_self_explaining")
 
 
-def amortised_row(full_work: Path) -> dict:
-    record = full_work / "seed0" / "results" / "source-mnist.json"
+def amortised_row(suite_work: Path) -> dict:
+    record = suite_work / "seed0" / "results" / "source-mnist.json"
     if not record.exists():
-        raise SystemExit(f"{record} is missing: run `selfexplain experiment --config full` first.")
+        raise SystemExit(f"{record} is missing: run `selfexplain experiment --config shared_head` first.")
     data = json.loads(record.read_text())
     timings = data["timings_s"]
     return {
@@ -47,8 +47,8 @@ def amortised_row(full_work: Path) -> dict:
     }
 
 
-def targets_row(budget: int, full_work: Path, output_root: Path) -> dict:
-    data = json.loads(FULL.read_text())
+def targets_row(budget: int, suite_work: Path, output_root: Path) -> dict:
+    data = json.loads(SUITE_CONFIG.read_text())
     output_dir = output_root / f"kernel-shap-targets-{budget}"
     data.update(
         sources=["mnist"],
@@ -66,7 +66,7 @@ def targets_row(budget: int, full_work: Path, output_root: Path) -> dict:
     for shared in ("base", "mnist-prediction_only"):  # the suite's own: same θ0, same value / target model
         destination = experiment.work / "seed0" / shared
         if not destination.exists():
-            shutil.copytree(full_work / "seed0" / shared, destination)
+            shutil.copytree(suite_work / "seed0" / shared, destination)
     result = experiment.evaluate_source(0, "mnist")
     row = {
         "variant": f"Kernel SHAP targets (budget {budget})",
@@ -85,7 +85,7 @@ def render(results: list[dict], command: str) -> str:
         "# Supervision: Kernel SHAP targets vs the amortised Shapley objective",
         "",
         f"Produced by `{command}` on {results[0]['environment']['machine']} (torch "
-        f"{results[0]['environment']['torch']}). MNIST source, seed 0 of the `full` suite: its base θ0, its "
+        f"{results[0]['environment']['torch']}). MNIST source, seed 0 of the `shared_head` suite: its base θ0, its "
         "prediction-only model, its recipe (λ = 100, MSE, 10 epochs on 2000 images), 8×8 patch players, mean "
         "baseline. In-domain fidelity as in the suite's report: the self-explaining model's single pass against a "
         "Kernel SHAP reference of the same model (2048 evaluations, paired sampling) on 48 held-out test images; "
@@ -122,13 +122,13 @@ def render(results: list[dict], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--full-work", type=Path, default=Path("outputs/full/work"))
+    parser.add_argument("--suite-work", type=Path, default=Path("outputs/shared_head/work"))
     parser.add_argument("--output-root", type=Path, default=Path("outputs/supervision"))
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "results" / "supervision.md")
     parser.add_argument("--budgets", type=int, nargs="+", default=list(TARGET_BUDGETS))
     args = parser.parse_args(argv)
-    rows = [amortised_row(args.full_work)]
-    rows += [targets_row(budget, args.full_work, args.output_root) for budget in args.budgets]
+    rows = [amortised_row(args.suite_work)]
+    rows += [targets_row(budget, args.suite_work, args.output_root) for budget in args.budgets]
     command = "python benchmarks/supervision.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:])
     )

@@ -242,3 +242,20 @@ def test_apply_fits_alpha_on_unlabelled_images_and_stores_a_compact_vector(model
         main(["extract-vector", *common, "--compression", "bogus", "--output-dir", str(root / "v2")])
     assert exit_info.value.code == 2 and "--compression bogus" in capsys.readouterr().err
     assert not (root / "v2").exists()
+
+
+def test_packaged_suites_load_and_an_unknown_name_lists_them(capsys):
+    from selfexplain.cli.experiments import packaged_config, packaged_suites
+    from selfexplain.experiments.experiment import ExperimentConfig
+
+    names = packaged_suites()
+    assert {"demo", "full", "shared_head", "extension_representation"} <= set(names)
+    for name in names:
+        config = ExperimentConfig.from_json_file(packaged_config(name))
+        # a suite's name is its file's, and its outputs are its own (two suites never share a work folder)
+        assert config.name == name and config.output_dir == f"outputs/{name}"
+    assert ExperimentConfig.from_json_file(packaged_config("full")).explanation_head == "extension"
+    with pytest.raises(SystemExit) as info:
+        main(["experiment", "--config", "no_such_suite"])
+    err = capsys.readouterr().err
+    assert info.value.code != 0 and "no_such_suite" in err and "shared_head" in err

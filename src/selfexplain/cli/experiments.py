@@ -33,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("experiment", help="Run a transfer experiment suite and write its report.")
     p.add_argument(
-        "--config", required=True, help='A JSON file, or the name of a packaged suite ("demo", "full").'
+        "--config",
+        required=True,
+        help=f"A JSON file, or the name of a packaged suite ({', '.join(packaged_suites())}).",
     )
     p.add_argument("--output-dir", default=None, help="Work folder (models, targets); default: the config's.")
     p.add_argument("--report-dir", default=None, help="Where report.md and plots go; default: the config's.")
@@ -72,13 +74,23 @@ def _cmd_pretrain_base(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2, default=str))
 
 
+def packaged_suites() -> list[str]:
+    """Names of the experiment configs shipped in ``selfexplain/experiments/configs``."""
+    folder = resources.files("selfexplain.experiments").joinpath("configs")
+    return sorted(
+        entry.name.removesuffix(".json") for entry in folder.iterdir() if entry.name.endswith(".json")
+    )
+
+
 def packaged_config(name: str) -> Path:
-    """Path of a packaged experiment config (`demo`, `full`), or `name` itself when it is a file."""
+    """Path of a packaged experiment config (e.g. `demo`, `full`), or `name` itself when it is a file."""
     if Path(name).is_file():
         return Path(name)
     candidate = resources.files("selfexplain.experiments").joinpath("configs", f"{name}.json")
     if not candidate.is_file():
-        raise FileNotFoundError(f"{name}: no such config file, and not a packaged suite (demo, full).")
+        raise FileNotFoundError(
+            f"{name}: no such config file, and not a packaged suite ({', '.join(packaged_suites())})."
+        )
     return Path(str(candidate))
 
 
