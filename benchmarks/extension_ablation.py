@@ -100,6 +100,19 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         {"explanation_train": {"learning_rate": 3e-3, "max_grad_norm": None}},
         "optimisation: `lr 3e-3` without gradient clipping (the recipe's max_grad_norm is 1.0)",
     ),
+    # What the extension reads (`explanation_extension_input_layer`): the output of an inner block instead of the
+    # final normed tokens. Fine-tuning moves the later blocks of two fine-tunes of θ0 furthest apart.
+    "input block 1": (
+        {"explanation_train": {"learning_rate": 3e-3}, "explanation_extension_input_layer": 1},
+        "the extension reads the output of block 1 of 4 instead of the final tokens (`lr 3e-3` otherwise)",
+    ),
+    "input block 1, 30 epochs": (
+        {
+            "explanation_train": {"learning_rate": 3e-3, "num_epochs": 30},
+            "explanation_extension_input_layer": 1,
+        },
+        "the suite's recipe with the extension reading the output of block 1",
+    ),
     "representation game, 10 epochs, no clipping": (
         {**_REPR, "explanation_train": {"learning_rate": 3e-3, "num_epochs": 10, "max_grad_norm": None}},
         "the `representation game, 10 epochs` row without gradient clipping (the `extension_representation` "

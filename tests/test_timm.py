@@ -404,8 +404,17 @@ def test_apply_explanation_vector_to_a_timm_folder_is_the_loaded_path(built, vec
 # ------------------------------------------------------------------------------------------------ saving
 
 
-def test_save_and_load_through_selfexplain_restores_the_model(tmp_path):
-    model = tiny_self_explaining(seed=70, explanation_head="extension", layer_norm_eps=1e-6, num_labels=5)
+@pytest.mark.parametrize(
+    "input_layer", [None, 1]
+)  # the extension reads the final tokens, or block 1's output
+def test_save_and_load_through_selfexplain_restores_the_model(tmp_path, input_layer):
+    model = tiny_self_explaining(
+        seed=70,
+        explanation_head="extension",
+        explanation_extension_input_layer=input_layer,
+        layer_norm_eps=1e-6,
+        num_labels=5,
+    )
     model.config.id2label = dict(enumerate(TINY_LABELS))
     model.config.label2id = {label: i for i, label in enumerate(TINY_LABELS)}
     with torch.no_grad():
@@ -421,7 +430,7 @@ def test_save_and_load_through_selfexplain_restores_the_model(tmp_path):
     assert (folder / EXPLAINER_WEIGHTS_NAME).is_file()
 
     loaded = load_timm_checkpoint(folder)
-    assert loaded.explainer is not None
+    assert loaded.explainer is not None and loaded.config.explanation_extension_input_layer == input_layer
     assert serialized_state_dict(loaded).keys() == serialized_state_dict(model).keys()
     for key, tensor in serialized_state_dict(model).items():
         assert torch.equal(serialized_state_dict(loaded)[key], tensor), key

@@ -65,6 +65,7 @@ def render_vector_card(config: ExplanationVectorConfig, repo_id: str | None = No
         num_parameters=f"{num_parameters:,}",
         key_patterns=provenance.get("include", "vit.*, explainer.*" if config.extension_layers else "vit.*"),
         extension_layers=config.extension_layers,
+        extension_input_layer=config.extension_input_layer,
         storage_dtype=config.storage_dtype,
         compression=_compression_line(config),
         recommended_alpha=config.recommended_alpha,

@@ -77,6 +77,11 @@ SELF_EXPLAINING_CONFIG_DEFAULTS: dict[str, object] = {
     # (`ViTExplanationExtension`), which only the explanation reads: the logits do not depend on them.
     "explanation_head": "shared",
     "explanation_extension_layers": 1,
+    # What the extension reads: None, the final normed sequence (what the classifier reads); k, the backbone's
+    # `hidden_states[k]` (0: the embeddings, k: the output of block k). Fine-tuning moves the later blocks of two
+    # fine-tunes of one base furthest apart, so an extension that reads an earlier block is less tied to the
+    # backbone it was trained on.
+    "explanation_extension_input_layer": None,
 }
 
 EXPLANATION_HEADS: tuple[str, ...] = ("shared", "extension")
@@ -125,10 +130,11 @@ class ViTExplanationBlock(nn.Module):
 
 
 class ViTExplanationExtension(nn.Module):
-    """`config.explanation_extension_layers` blocks that turn the final tokens into explanation tokens.
+    """`config.explanation_extension_layers` blocks that turn the backbone's tokens into explanation tokens.
 
-    It reads the whole final sequence (CLS and patches) and returns new patch tokens for the classifier to score;
-    the CLS token the logits come from never passes through it, so the logits are the same with or without it.
+    It reads a whole sequence (CLS and patches) of the backbone — the final normed one, or the output of block
+    `config.explanation_extension_input_layer` — and returns new patch tokens for the classifier to score; the CLS
+    token the logits come from never passes through it, so the logits are the same with or without it.
     """
 
     def __init__(self, config: ViTConfig):
@@ -222,6 +228,16 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
         if config.explanation_head not in EXPLANATION_HEADS:
             raise ValueError(
                 f"`explanation_head` must be one of {EXPLANATION_HEADS}, got {config.explanation_head!r}."
+            )
+        layer = config.explanation_extension_input_layer
+        if layer is not None and (
+            not isinstance(layer, int)
+            or isinstance(layer, bool)
+            or not 0 <= layer <= config.num_hidden_layers
+        ):
+            raise ValueError(
+                f"`explanation_extension_input_layer` must be None (the final normed tokens) or a block index in "
+                f"[0, {config.num_hidden_layers}] (0: the embeddings), got {layer!r}."
             )
         self.explainer = ViTExplanationExtension(config) if config.explanation_head == "extension" else None
         self.post_init()
@@ -342,6 +358,15 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
             kwargs["attention_mask"] = attention_mask
         if "return_dict" in _VIT_FORWARD_PARAMETERS:  # older transformers: the output object, never a tuple
             kwargs["return_dict"] = True
+        wants_explanation = (
+            explain is not None or explanation_targets is not None or output_explanation_tokens
+        )
+        extension_layer = (
+            self.config.explanation_extension_input_layer if self.explainer is not None else None
+        )
+        return_hidden_states = bool(kwargs.get("output_hidden_states", self.config.output_hidden_states))
+        if wants_explanation and extension_layer is not None:
+            kwargs["output_hidden_states"] = True  # the extension reads an inner block's output
         outputs: BaseModelOutputWithPooling = self.vit(
             pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
         )
@@ -349,11 +374,9 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
         logits = self.classifier(sequence_output[:, 0, :])
 
         grid = self.patch_grid(pixel_values)
-        wants_explanation = (
-            explain is not None or explanation_targets is not None or output_explanation_tokens
-        )
         if self.explainer is not None and wants_explanation:
-            patch_tokens = self.explainer(sequence_output)
+            read = sequence_output if extension_layer is None else outputs.hidden_states[extension_layer]
+            patch_tokens = self.explainer(read)
         else:
             patch_tokens = sequence_output[:, 1:, :]
 
@@ -387,7 +410,7 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
             classification_loss=classification_loss,
             explanation_loss=explanation_loss,
             explanation_tokens=patch_tokens if output_explanation_tokens else None,
-            hidden_states=outputs.hidden_states,
+            hidden_states=outputs.hidden_states if return_hidden_states else None,
             attentions=outputs.attentions,
         )
 

@@ -349,6 +349,12 @@ def load_timm_checkpoint(
     if extension:
         config.explanation_head = "extension"
         config.explanation_extension_layers = _extension_layers(source, extension)
+        layer = config_dict["selfexplain"].get("explanation_extension_input_layer")
+        if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool)):
+            raise ValueError(
+                f"{source}: `explanation_extension_input_layer` must be an int, got {layer!r:.40}."
+            )
+        config.explanation_extension_input_layer = layer  # the model checks it is a block of this ViT
         state.update(extension)
     for name, value in dict(config_dict.get("selfexplain", {}).get("config", {})).items():
         if name in (BASE_MODEL_ATTRIBUTE, "selfexplain_applied_vector"):  # provenance written by a save
@@ -980,6 +986,8 @@ def _timm_config(model: Any, has_explainer: bool) -> dict[str, Any]:
     selfexplain: dict[str, Any] = {}
     if has_explainer:
         selfexplain["explanation_extension_layers"] = int(config.explanation_extension_layers)
+        if getattr(config, "explanation_extension_input_layer", None) is not None:
+            selfexplain["explanation_extension_input_layer"] = int(config.explanation_extension_input_layer)
     provenance = {
         name: getattr(config, name)
         for name in (BASE_MODEL_ATTRIBUTE, "selfexplain_applied_vector")

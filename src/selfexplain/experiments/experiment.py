@@ -80,6 +80,8 @@ class ExperimentConfig:
     # extension of `explanation_extension_layers` blocks sits in between (it travels inside the vector).
     explanation_head: str = "shared"
     explanation_extension_layers: int = 1
+    # What the extension reads: None, the final normed tokens; k, the output of block k (0: the embeddings).
+    explanation_extension_input_layer: int | None = None
     # "all": the self-explaining model is fine-tuned from θ0 like the prediction-only one; "extension": only its
     # extension is trained, on top of the frozen prediction-only model (logits unchanged, vector = extension).
     trainable: str = "all"
@@ -226,6 +228,7 @@ class Experiment:
                 "explanation_head": self.config.explanation_head,
                 "explanation_extension_layers": self.config.explanation_extension_layers,
                 "trainable": self.config.trainable,
+                "explanation_extension_input_layer": self.config.explanation_extension_input_layer,
             }
             if (
                 self.config.trainable == "extension"

@@ -56,6 +56,8 @@ class TrainingConfig:
             first pass through ``explanation_extension_layers`` extra transformer blocks that only the explanation
             reads); ``None`` keeps the base's.
         explanation_extension_layers: blocks of a new extension (``explanation_head="extension"``).
+        explanation_extension_input_layer: what a new extension reads: ``None``, the final normed tokens; ``k``,
+            the output of block ``k`` (``0``: the embeddings). It travels with the extension's vector.
         trainable: ``"all"`` parameters, or only the ``"extension"``: backbone and classifier stay frozen, so
             the trained model predicts exactly as ``base`` (use a fine-tuned classifier as ``base`` and as
             ``value_model``); its explanation vector then changes only the extension (its backbone deltas
@@ -152,6 +154,12 @@ class TrainingConfig:
     )
     explanation_extension_layers: int = _field(
         1, 'Transformer blocks of a new explanation extension (explanation_head="extension").', parse=int
+    )
+    explanation_extension_input_layer: int | None = _field(
+        None,
+        "What a new explanation extension reads: the output of this block (0: the embeddings; default: the final "
+        "normed tokens).",
+        parse=int,
     )
     trainable: str = _field(
         "all",
@@ -305,6 +313,12 @@ class TrainingConfig:
         ):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 1, name, value, "a positive int")
+        layer = self.explanation_extension_input_layer
+        _check(layer is None or (_is_int(layer) and layer >= 0), "explanation_extension_input_layer", layer,
+               "None or a block index >= 0")  # fmt: skip
+        if layer is not None:
+            _check(self.explanation_head == "extension", "explanation_extension_input_layer", layer,
+                   'set only with explanation_head="extension"')  # fmt: skip
         for name in ("max_steps", "eval_batch_size", "save_total_limit"):
             value = getattr(self, name)
             _check(value is None or (_is_int(value) and value >= 1), name, value, "a positive int or None")

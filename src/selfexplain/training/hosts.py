@@ -143,6 +143,8 @@ def load_extension_hosts(
         image_column, label_column = detect_columns(dataset, None, None)
         host.requires_grad_(False)
         host.config.explanation_head = "extension"
+        # the shared extension reads the same block of every host
+        host.config.explanation_extension_input_layer = model.config.explanation_extension_input_layer
         host.explainer = model.explainer  # shared: the host's loss trains the one extension
         host.to(device).eval()
         examples = _Examples(dataset, transform, {image_column: "image", label_column: "label"})

@@ -92,6 +92,7 @@ def _load_model(config: TrainingConfig, names: Sequence[str]) -> ViTForSelfExpla
         head = {"explanation_head": config.explanation_head}
         if config.explanation_head == "extension":
             head["explanation_extension_layers"] = config.explanation_extension_layers
+            head["explanation_extension_input_layer"] = config.explanation_extension_input_layer
     new_extension = config.explanation_head == "extension" and (
         getattr(base_config, "explanation_head", "shared") != "extension"
     )

@@ -161,12 +161,20 @@ def apply_explanation_vector(
             source, config, revision, token, cache_dir, local_files_only, resize_position_embeddings
         )
         adds_extension = bool(layers) and model_config.get("explanation_head") != "extension"
+        if layers and not adds_extension:
+            _require_same_extension_input(
+                source, model_config.get("explanation_extension_input_layer"), config
+            )
         if change is not None:
             shapes = resized_shapes(shapes, change[1])
     else:
         if getattr(model.config, "model_type", None) == config.model_type:  # else `_validate` says what it is
             _require_classifier_head(model)
         adds_extension = bool(layers) and getattr(model, "explainer", None) is None
+        if layers and not adds_extension:
+            _require_same_extension_input(
+                type(model).__name__, getattr(model.config, "explanation_extension_input_layer", None), config
+            )
         change = grid_change(config.architecture, model.config) if resize_position_embeddings else None
         if change is not None:
             shapes = resized_shapes(shapes, change[1])
@@ -181,7 +189,11 @@ def apply_explanation_vector(
         deltas = resizing_deltas(deltas, *change)
     if owned:
         extension = (
-            {"explanation_head": "extension", "explanation_extension_layers": layers}
+            {
+                "explanation_head": "extension",
+                "explanation_extension_layers": layers,
+                "explanation_extension_input_layer": config.extension_input_layer,
+            }
             if adds_extension
             else {}
         )
@@ -216,7 +228,7 @@ def apply_explanation_vector(
     elif inplace and isinstance(model, ViTForSelfExplainingClassification):
         target = model
         if adds_extension:
-            _add_zero_extension(target, layers)
+            _add_zero_extension(target, layers, config.extension_input_layer)
         try:
             name_map = _validate(target, config, shapes, change)
             tensors = _named_tensors(target)
@@ -226,7 +238,9 @@ def apply_explanation_vector(
                 _remove_extension(target)
             raise
     else:
-        target = _new_self_explaining_model(model, layers if adds_extension else 0)
+        target = _new_self_explaining_model(
+            model, layers if adds_extension else 0, config.extension_input_layer
+        )
         name_map = _validate(target, config, shapes, change)
         _stream_into(_named_tensors(target), name_map, deltas, scale_of)
     provenance = {
@@ -616,10 +630,28 @@ def _zero_extension(model: ViTForSelfExplainingClassification) -> None:
             param.zero_()
 
 
-def _add_zero_extension(model: ViTForSelfExplainingClassification, layers: int) -> None:
+def _require_same_extension_input(
+    source: str, model_layer: int | None, config: ExplanationVectorConfig
+) -> None:
+    """A model that already has an extension must read the tokens the vector's extension was trained on."""
+    if model_layer != config.extension_input_layer:
+        raise IncompatibleExplanationVectorError(
+            f"{source}'s explanation extension reads {_extension_input(model_layer)}, the vector's reads "
+            f"{_extension_input(config.extension_input_layer)}: the vector's extension would run on other tokens."
+        )
+
+
+def _extension_input(layer: int | None) -> str:
+    return "the final normed tokens" if layer is None else f"the output of block {layer}"
+
+
+def _add_zero_extension(
+    model: ViTForSelfExplainingClassification, layers: int, input_layer: int | None = None
+) -> None:
     """Give a loaded self-explaining model an all-zero (identity) extension of `layers` blocks, in place."""
     model.config.explanation_head = "extension"
     model.config.explanation_extension_layers = layers
+    model.config.explanation_extension_input_layer = input_layer
     reference = model.classifier.weight
     model.explainer = ViTExplanationExtension(model.config).to(device=reference.device, dtype=reference.dtype)
     model.explainer.train(model.training)
@@ -629,10 +661,11 @@ def _add_zero_extension(model: ViTForSelfExplainingClassification, layers: int) 
 def _remove_extension(model: ViTForSelfExplainingClassification) -> None:
     model.explainer = None
     model.config.explanation_head = "shared"
+    model.config.explanation_extension_input_layer = None
 
 
 def _new_self_explaining_model(
-    model: PreTrainedModel, extension_layers: int = 0
+    model: PreTrainedModel, extension_layers: int = 0, extension_input_layer: int | None = None
 ) -> ViTForSelfExplainingClassification:
     """A `ViTForSelfExplainingClassification` holding copies of `model`'s tensors (the input is never written),
     with an all-zero explanation extension of `extension_layers` blocks added when that is > 0."""
@@ -641,6 +674,7 @@ def _new_self_explaining_model(
     if extension_layers:
         config.explanation_head = "extension"
         config.explanation_extension_layers = extension_layers
+        config.explanation_extension_input_layer = extension_input_layer
     # Build on the meta device: no memory is allocated for weights that are replaced right away.
     with torch.device("meta"):
         new = ViTForSelfExplainingClassification(config)

@@ -26,15 +26,19 @@ VECTOR_WEIGHTS_NAME = "explanation_vector.safetensors"
 VECTOR_CONFIG_NAME = "explanation_vector_config.json"
 #: The newest format this library reads. 1: dense tensors. 2: tensors may be sparse or low-rank (`compression`).
 #: 3: the vector may carry an explanation extension (`explainer.blocks.N.*` tensors, see
-#: `ViTExplanationExtension`). Each vector is written in the oldest format that holds it, so that older
-#: selfexplain versions keep reading what they can apply, and refuse the rest with "upgrade selfexplain".
-FORMAT_VERSION = 3
+#: `ViTExplanationExtension`). 4: the extension reads an inner block's output (`extension_input_layer`): a reader
+#: that ignored the field would run it on the wrong tokens. Each vector is written in the oldest format that holds
+#: it, so that older selfexplain versions keep reading what they can apply, and refuse the rest with "upgrade
+#: selfexplain".
+FORMAT_VERSION = 4
 #: The format of a vector whose tensors are all dense.
 DENSE_FORMAT_VERSION = 1
 #: The format of a compressed vector (without an extension).
 COMPRESSED_FORMAT_VERSION = 2
 #: The format of a vector with an explanation extension.
 EXTENSION_FORMAT_VERSION = 3
+#: The format of a vector whose explanation extension reads an inner block (`extension_input_layer`).
+INNER_EXTENSION_FORMAT_VERSION = 4
 #: Config attribute in which selfexplain records the base a model was fine-tuned from.
 BASE_MODEL_ATTRIBUTE = "selfexplain_base_model"
 
@@ -64,11 +68,15 @@ class ExplanationVectorConfig:
     library_name: str = "selfexplain"
     #: How the file's tensors were compressed (`VectorCompression.to_dict()`), or None for a dense file.
     compression: dict[str, Any] | None = None
+    #: Which tokens the vector's explanation extension reads (`explanation_extension_input_layer` of the model it
+    #: came from): None, the final normed sequence; k, the output of block k (0: the embeddings).
+    extension_input_layer: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if data["compression"] is None:  # a dense vector's config stays exactly what format 1 wrote
-            del data["compression"]
+        for optional in ("compression", "extension_input_layer"):  # absent: what older formats wrote
+            if data[optional] is None:
+                del data[optional]
         return data
 
     @classmethod
@@ -100,6 +108,7 @@ class ExplanationVectorConfig:
             "storage_dtype": (str,),
             "provenance": (dict,),
             "compression": (dict, type(None)),
+            "extension_input_layer": (int, type(None)),
         }
         kwargs: dict[str, Any] = {"format_version": version}
         for name, types in expected.items():
@@ -132,6 +141,22 @@ class ExplanationVectorConfig:
             from_record = VectorCompression.from_dict(kwargs["compression"], source)
             kwargs["compression"] = from_record.to_dict()
         _check_architecture(kwargs["architecture"], source)
+        layer = kwargs.get("extension_input_layer")
+        if layer is not None:
+            depth = kwargs["architecture"].get("num_hidden_layers")
+            if version < INNER_EXTENSION_FORMAT_VERSION:
+                raise InvalidExplanationVectorError(
+                    f"{source}: `extension_input_layer` needs format_version {INNER_EXTENSION_FORMAT_VERSION} "
+                    f"(the config says {version})."
+                )
+            if layer < 0 or (isinstance(depth, int) and layer > depth):
+                raise InvalidExplanationVectorError(
+                    f"{source}: `extension_input_layer` {layer} is not a block of a {depth}-block ViT."
+                )
+            if not extension_layers(kwargs["tensors"]):
+                raise InvalidExplanationVectorError(
+                    f"{source}: `extension_input_layer` is set but the vector carries no explanation extension."
+                )
         storage_dtype = kwargs.get("storage_dtype", "float32")
         for key, spec in kwargs["tensors"].items():
             shape = spec.get("shape") if isinstance(spec, dict) else None
@@ -169,8 +194,10 @@ def extension_layers(keys: Iterable[str]) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def format_version_for(keys: Iterable[str], compressed: bool) -> int:
+def format_version_for(
+    keys: Iterable[str], compressed: bool, extension_input_layer: int | None = None
+) -> int:
     """The oldest format that holds a vector with these tensor keys (compressed or not)."""
     if extension_layers(keys):
-        return EXTENSION_FORMAT_VERSION
+        return EXTENSION_FORMAT_VERSION if extension_input_layer is None else INNER_EXTENSION_FORMAT_VERSION
     return COMPRESSED_FORMAT_VERSION if compressed else DENSE_FORMAT_VERSION

@@ -147,6 +147,11 @@ def check_mergeable(
             differing = [k for k in sorted(theirs) if tuple(theirs[k]) != tuple(first_shapes[k])]
             if differing:
                 problems.append(f"{name}: shapes differ for {differing[:3]}")
+        if config.extension_input_layer != first.extension_input_layer:  # their extensions read other tokens
+            problems.append(
+                f"{name}: extension_input_layer {config.extension_input_layer!r}, "
+                f"{names[0]}: {first.extension_input_layer!r}"
+            )
         for attribute in ("base_model", "base_model_revision"):
             mine, other = getattr(first, attribute), getattr(config, attribute)
             if mine is not None and other is not None and mine != other:

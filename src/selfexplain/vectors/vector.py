@@ -35,6 +35,7 @@ from .config import (
     VECTOR_CONFIG_NAME,
     VECTOR_WEIGHTS_NAME,
     ExplanationVectorConfig,
+    extension_layers,
     format_version_for,
 )
 from .io import iter_vector_tensors, load_vector_config, resolve_vector_weights, write_files_atomically
@@ -137,6 +138,12 @@ class ExplanationVector:
             base_model_revision=base_model_revision,
             recommended_alpha=float(recommended_alpha),
             provenance=dict(provenance or {}),
+            # what the extension it carries reads: it runs on those tokens wherever it is applied
+            extension_input_layer=(
+                getattr(self_explaining.config, "explanation_extension_input_layer", None)
+                if extension_layers(tensors)
+                else None
+            ),
         )
         return cls(tensors, config)
 
@@ -260,6 +267,7 @@ class ExplanationVector:
             recommended_alpha=float(recommended_alpha),
             storage_dtype=storage.pop() if len(storage) == 1 else "float32",
             provenance={"merge": record},
+            extension_input_layer=first.extension_input_layer,  # the same for all: `check_mergeable`
         )
         return cls(merged, config)
 
@@ -267,7 +275,11 @@ class ExplanationVector:
     def _combine(self, other: ExplanationVector, sign: float) -> ExplanationVector:
         if not isinstance(other, ExplanationVector):
             return NotImplemented
-        if self.config.architecture != other.config.architecture or set(self.tensors) != set(other.tensors):
+        if (
+            self.config.architecture != other.config.architecture
+            or set(self.tensors) != set(other.tensors)
+            or self.config.extension_input_layer != other.config.extension_input_layer
+        ):
             raise ValueError(
                 "Explanation vectors can only be combined when they cover the same architecture and keys."
             )
@@ -361,7 +373,8 @@ class ExplanationVector:
             config.storage_dtype = _dtype_name(storage_dtype)
         dtype = STORAGE_DTYPES[config.storage_dtype]
         if compression is None:
-            config.format_version, config.compression = format_version_for(self.tensors, False), None
+            config.format_version = format_version_for(self.tensors, False, config.extension_input_layer)
+            config.compression = None
             config.tensors = {
                 k: {"shape": list(v.shape), "dtype": config.storage_dtype}
                 for k, v in sorted(self.tensors.items())
@@ -370,7 +383,7 @@ class ExplanationVector:
         else:
             settings = VectorCompression.parse(compression)
             tensors, config.tensors = encode_tensors(self.tensors, settings, dtype)
-            config.format_version = format_version_for(self.tensors, True)
+            config.format_version = format_version_for(self.tensors, True, config.extension_input_layer)
             config.compression = settings.to_dict()
         # Only now, with every setting checked and the tensors encoded: a refused save leaves no folder behind.
         save_directory.mkdir(parents=True, exist_ok=True)
