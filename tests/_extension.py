@@ -3,7 +3,10 @@ alone on it with the amortised Shapley objective."""
 
 from __future__ import annotations
 
-from selfexplain.training import TrainingConfig
+from selfexplain.data import default_image_processor
+from selfexplain.training import TrainingConfig, train
+from tests._squares import IMAGE_SIZE, coloured_squares
+from tests._tiny import tiny_classifier
 
 #: A few seconds per run on the coloured squares.
 COMMON = dict(
@@ -24,3 +27,14 @@ def extension_config(root, pred, name, **kwargs) -> TrainingConfig:
         trainable="extension",
         **{**COMMON, "num_epochs": 20, "value_model": str(pred), **kwargs},
     )
+
+
+def colour_classifier(root):
+    """A prediction-only classifier of coloured squares, trained in `root / "pred"`; returns it and its data."""
+    base = root / "base"
+    tiny_classifier(seed=0, num_labels=3, id2label={0: "red", 1: "green", 2: "blue"}).save_pretrained(base)
+    default_image_processor(IMAGE_SIZE).save_pretrained(base)
+    data = coloured_squares(64, seed=0).remove_columns("explanation_targets")
+    pred = root / "pred"
+    train(TrainingConfig(base=str(base), output_dir=str(pred), **COMMON), data)
+    return pred, data

@@ -16,11 +16,9 @@ from selfexplain import (
     ViTForSelfExplainingClassification,
     apply_explanation_vector,
 )
-from selfexplain.data import default_image_processor
 from selfexplain.training import TrainingConfig, train
 from selfexplain.vectors.config import VECTOR_CONFIG_NAME
-from tests._extension import COMMON, extension_config
-from tests._squares import IMAGE_SIZE, coloured_squares
+from tests._extension import colour_classifier, extension_config
 from tests._tiny import pixels, tiny_classifier, tiny_self_explaining
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,12 +69,7 @@ def test_an_input_layer_outside_the_backbone_is_refused():
 def inner_extension(tmp_path_factory):
     """A classifier of coloured squares and an extension trained on it that reads the output of block 1."""
     root = tmp_path_factory.mktemp("inner-extension")
-    base = root / "base"
-    tiny_classifier(seed=0, num_labels=3, id2label={0: "red", 1: "green", 2: "blue"}).save_pretrained(base)
-    default_image_processor(IMAGE_SIZE).save_pretrained(base)
-    data = coloured_squares(64, seed=0).remove_columns("explanation_targets")
-    pred = root / "pred"
-    train(TrainingConfig(base=str(base), output_dir=str(pred), **COMMON), data)
+    pred, data = colour_classifier(root)
     train(extension_config(root, pred, "se", num_epochs=4, explanation_extension_input_layer=1), data)
     return root
 

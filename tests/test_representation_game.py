@@ -16,7 +16,7 @@ from selfexplain.attribution.shapley import kernel_shap_values
 from selfexplain.data import default_image_processor
 from selfexplain.evaluation.metrics import pearson
 from selfexplain.training import TrainingConfig, train
-from tests._extension import COMMON, extension_config
+from tests._extension import colour_classifier, extension_config
 from tests._squares import IMAGE_SIZE, coloured_squares
 from tests._tiny import pixels, tiny_classifier
 
@@ -28,12 +28,7 @@ def runs(tmp_path_factory):
     """A prediction-only colour classifier, and two extensions of it: one trained on the probability game,
     one on the representation game."""
     root = tmp_path_factory.mktemp("representation")
-    base = root / "base"
-    tiny_classifier(seed=0, num_labels=3, id2label={0: "red", 1: "green", 2: "blue"}).save_pretrained(base)
-    default_image_processor(IMAGE_SIZE).save_pretrained(base)
-    colours = coloured_squares(64, seed=0).remove_columns("explanation_targets")
-    pred = root / "pred"
-    train(TrainingConfig(base=str(base), output_dir=str(pred), **COMMON), colours)
+    pred, colours = colour_classifier(root)
     train(extension_config(root, pred, "probs"), colours)
     train(extension_config(root, pred, "representation", explanation_game="representation"), colours)
     return {"root": root, "pred": pred, "probs": root / "probs", "representation": root / "representation"}
