@@ -169,27 +169,21 @@ def report(results: dict[int, dict[str, Any]], args, wall_s: float) -> str:
         f"(budget {cfg.reference_budget}, the suite's reference seed); ins − del: insertion − deletion AUC "
         f"({cfg.auc_steps} steps, same images). Extensions are added at α = 1. Mean ± std over seeds.",
         "",
-        "Pearson with the cell's reference:",
-        "",
-        "| map | " + " | ".join(cell for _, _, cell in CELLS) + " |",
-        "|---|" + "---|" * len(CELLS),
     ]
-    for name in maps:
-        row = [_stat([results[s][cell][name]["pearson"] for s in seeds]) for _, _, cell in CELLS]
-        lines.append(f"| {names.get(name, name)} | " + " | ".join(row) + " |")
-    lines += [
-        "",
-        "Insertion − deletion (higher is better):",
-        "",
-        "| map | " + " | ".join(cell for _, _, cell in CELLS) + " |",
-        "|---|" + "---|" * len(CELLS),
-    ]
-    for name in maps:
-        row = [
-            _stat([results[s][cell][name]["insertion"] - results[s][cell][name]["deletion"] for s in seeds])
-            for _, _, cell in CELLS
-        ]
-        lines.append(f"| {names.get(name, name)} | " + " | ".join(row) + " |")
+
+    def table(title: str, value) -> None:
+        """A mean ± std table over seeds: one row per map, one column per cell."""
+        lines.extend(
+            [title, "", "| map | " + " | ".join(c for _, _, c in CELLS) + " |", "|---|" + "---|" * len(CELLS)]
+        )
+        for name in maps:
+            row = [_stat([value(results[s][cell][name]) for s in seeds]) for _, _, cell in CELLS]
+            lines.append(f"| {names.get(name, name)} | " + " | ".join(row) + " |")
+        lines.append("")
+
+    table("Pearson with the cell's reference:", lambda scores: scores["pearson"])
+    table("Insertion − deletion (higher is better):", lambda scores: scores["insertion"] - scores["deletion"])
+    lines.pop()  # the blank line the next section starts with
     lines += [
         "",
         "Pearson lost from each extension's home cell (the classifier and images it was trained on: `in-domain` "
