@@ -364,7 +364,10 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
         extension_layer = (
             self.config.explanation_extension_input_layer if self.explainer is not None else None
         )
-        return_hidden_states = bool(kwargs.get("output_hidden_states", self.config.output_hidden_states))
+        asked = kwargs.get(
+            "output_hidden_states"
+        )  # None (passed or not): the config decides, as in transformers
+        return_hidden_states = bool(self.config.output_hidden_states if asked is None else asked)
         if wants_explanation and extension_layer is not None:
             kwargs["output_hidden_states"] = True  # the extension reads an inner block's output
         outputs: BaseModelOutputWithPooling = self.vit(
