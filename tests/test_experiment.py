@@ -203,3 +203,41 @@ def test_a_finished_model_trained_with_other_settings_is_not_reused(tmp_path):
     with pytest.raises(ValueError, match="num_epochs: trained with 3, asked 2"):
         experiment.finetune(0, "mnist", 0.0)
     assert (finished / "model.safetensors").read_bytes() == weights  # nothing deleted
+
+
+def test_a_finished_unit_computed_with_other_settings_is_not_reported(tmp_path):
+    """A unit's result file records the settings it was computed with: a resumed suite reads it back when they
+    match (paths, workers, threads and seeds may differ) and refuses it when a setting its numbers depend on
+    changed, instead of reporting old numbers under the new config. Files from before the record are read back."""
+    from dataclasses import replace
+
+    from selfexplain.experiments.experiment import ExperimentConfig, _compute_unit, _unit_file, run_units
+
+    config = ExperimentConfig(
+        name="stale", sources=["mnist"], targets=["digits"], output_dir=str(tmp_path / "suite"),
+        base={"packaged": "patch4-union"},
+    )  # fmt: skip
+    work, unit = tmp_path / "suite" / "work", ("base", 0, "")
+    calls = []
+
+    def compute(config_dict, unit):  # the suite's own unit runner, counted
+        calls.append(unit)
+        return _compute_unit(config_dict, unit)
+
+    def run(config):
+        return run_units({unit: []}, config, work, compute=compute, log=lambda message: None)[unit]
+
+    first = run(config)
+    assert calls == [unit] and first["settings"]["coalitions_per_image"] == 2
+    moved = replace(config, name="renamed", output_dir="elsewhere", workers=2, num_threads=None, seeds=[0, 1])
+    assert run(moved) == first and calls == [unit]  # read back, not recomputed
+    path = _unit_file(work, unit)
+    before = path.read_bytes()
+    changed = replace(config, coalitions_per_image=8)
+    with pytest.raises(ValueError, match="coalitions_per_image: computed with 2, asked 8"):
+        run(changed)
+    assert path.read_bytes() == before and calls == [unit]  # nothing deleted or recomputed
+    # A result file written before units recorded their settings is read back as it is.
+    old = {key: value for key, value in first.items() if key != "settings"}
+    path.write_text(json.dumps(old))
+    assert run(changed) == old

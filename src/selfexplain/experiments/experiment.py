@@ -23,7 +23,7 @@ import multiprocessing
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -951,6 +951,38 @@ def _unit_file(work: Path, unit: Unit) -> Path:
     return work / f"seed{seed}" / "results" / (f"{kind}-{name}.json" if name else f"{kind}.json")
 
 
+#: Suite settings that do not change any unit's numbers: where things go, how the work is spread, which seeds
+#: the suite has (a unit is one seed's), and the batch size (results do not depend on it).
+_NON_RESULT_SETTINGS = frozenset(
+    {"name", "output_dir", "report_dir", "kernel_shap_cache", "workers", "num_threads", "batch_size", "seeds"}
+)
+
+
+def _result_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a unit's result depends on, as recorded in its result file (JSON-normalised)."""
+    kept = {key: value for key, value in config.items() if key not in _NON_RESULT_SETTINGS}
+    return json.loads(json.dumps(kept, sort_keys=True))
+
+
+def _check_result_settings(path: Path, record: Mapping[str, Any], config: dict[str, Any]) -> None:
+    """Refuse to report a finished unit that was computed with other settings than the suite asks for now (its
+    numbers would be shown under a configuration that did not produce them). Result files written before units
+    recorded their settings are read back as they are. Nothing is deleted."""
+    saved = record.get("settings")
+    if saved is None:
+        return
+    wanted = _result_settings(config)
+    different = sorted(key for key in saved.keys() | wanted.keys() if saved.get(key) != wanted.get(key))
+    if different:
+        details = ", ".join(
+            f"{key}: computed with {saved.get(key)!r}, asked {wanted.get(key)!r}" for key in different
+        )
+        raise ValueError(
+            f"{path} was computed with other settings than this suite asks for ({details}). Move it (and the "
+            "models it trained) away to recompute, or point output_dir elsewhere."
+        )
+
+
 def _compute_unit(config: dict[str, Any], unit: Unit) -> dict[str, Any]:
     """Run one unit in this process and write its result file (so that a killed suite resumes after it)."""
     experiment = Experiment(ExperimentConfig(**config))
@@ -958,6 +990,7 @@ def _compute_unit(config: dict[str, Any], unit: Unit) -> dict[str, Any]:
     result = experiment.run_unit(unit)
     record = {
         "unit": list(unit),
+        "settings": _result_settings(config),
         "result": result,
         "timings_s": experiment.timings,
         "wall_s": time.perf_counter() - started,
@@ -981,14 +1014,15 @@ def run_units(
     """Run every unit whose result file is missing, each once the units it needs are done, in up to ``workers``
     processes (units are started in the order of ``units`` among those ready). Returns every unit's record."""
     done: dict[Unit, dict[str, Any]] = {}
+    config_dict = asdict(config)
     for unit in units:
         path = _unit_file(work, unit)
         if path.exists():
             done[unit] = json.loads(path.read_text())
+            _check_result_settings(path, done[unit], config_dict)
     pending = [u for u in units if u not in done]
     if done:
         log(f"resuming: {len(done)} of {len(units)} units already done")
-    config_dict = asdict(config)
     if workers <= 1:
         for unit in pending:
             done[unit] = compute(config_dict, unit)
