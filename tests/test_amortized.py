@@ -117,10 +117,15 @@ def squares_base(tmp_path_factory):
     return str(path)
 
 
-def test_train_with_the_shapley_objective_needs_no_targets_and_learns_shapley_maps(squares_base, tmp_path):
+@pytest.mark.parametrize("pool", [None, 16])
+def test_train_with_the_shapley_objective_needs_no_targets_and_learns_shapley_maps(
+    squares_base, tmp_path, pool
+):
     """A self-explaining model trained on the amortised objective (no targets anywhere) agrees with Kernel SHAP
     of its value model; the prediction-only partner, trained with the same recipe, does not. The zero baseline
-    removes a square's colour (the per-image mean would keep it, and the values would barely move)."""
+    removes a square's colour (the per-image mean would keep it, and the values would barely move).
+    With a coalition pool the frozen value model sees each training image's coalitions exactly once, over all
+    epochs, and the model learns as well."""
     data = coloured_squares(96, seed=0).remove_columns("explanation_targets")
     common = dict(
         base=squares_base, num_epochs=20, batch_size=16, learning_rate=3e-3, log_every=6, augment=False
@@ -128,19 +133,35 @@ def test_train_with_the_shapley_objective_needs_no_targets_and_learns_shapley_ma
     common["checkpoint_every"] = None
     pred_dir, se_dir = tmp_path / "pred", tmp_path / "se"
     train(TrainingConfig(output_dir=str(pred_dir), **common), data)
-    metrics = train(
-        TrainingConfig(
-            output_dir=str(se_dir),
-            explanation_loss_weight=10.0,
-            explanation_objective="shapley",
-            value_model=str(pred_dir),
-            coalitions_per_image=8,
-            removal_baseline="zero",
-            **common,
-        ),
-        data,
-    )
+    valued = []  # images through the frozen value model (the only model whose parameters are all frozen)
+
+    def count(module, args, kwargs, output):
+        if isinstance(module, ViTForSelfExplainingClassification) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            valued.append(len(kwargs.get("pixel_values", args[0] if args else None)))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(count, with_kwargs=True)
+    try:
+        metrics = train(
+            TrainingConfig(
+                output_dir=str(se_dir),
+                explanation_loss_weight=10.0,
+                explanation_objective="shapley",
+                value_model=str(pred_dir),
+                coalitions_per_image=8,
+                coalition_pool=pool,
+                removal_baseline="zero",
+                **common,
+            ),
+            data,
+        )
+    finally:
+        hook.remove()
     assert metrics["train_explanation_loss"] > 0
+    # Per image: its coalitions and the empty and full image, once with a pool, else at every epoch.
+    per_image = pool + 2 if pool is not None else common["num_epochs"] * (8 + 2)
+    assert sum(valued) == len(data) * per_image
     test = coloured_squares(16, seed=5)
     x = default_image_processor(IMAGE_SIZE)(
         images=[i.convert("RGB") for i in test["image"]], return_tensors="pt"
@@ -160,6 +181,19 @@ def test_train_with_the_shapley_objective_needs_no_targets_and_learns_shapley_ma
     config = se.config
     assert config.selfexplain_targets["method"] == "amortized_shapley"
     assert config.selfexplain_targets["value_model"] == str(pred_dir)
+    assert config.selfexplain_targets.get("coalition_pool") == pool
+
+
+def test_a_coalition_pool_is_refused_where_its_values_would_be_wrong():
+    shapley = dict(base="b", output_dir="o", explanation_loss_weight=1.0, explanation_objective="shapley",
+                   value_model="v", augment=False)  # fmt: skip
+    TrainingConfig(**shapley, coalition_pool=64)
+    with pytest.raises(ValueError, match="coalition_pool.*even int"):
+        TrainingConfig(**shapley, coalition_pool=7)
+    with pytest.raises(ValueError, match="coalition_pool.*augment=False"):
+        TrainingConfig(**{**shapley, "augment": True}, coalition_pool=8)  # each epoch shows other images
+    with pytest.raises(ValueError, match="coalition_pool.*shapley"):
+        TrainingConfig(base="b", output_dir="o", explanation_loss_weight=1.0, coalition_pool=8, augment=False)
 
 
 def test_the_shapley_objective_refuses_a_value_model_of_another_label_set(squares_base, tmp_path):

@@ -158,11 +158,16 @@ def amortized_shapley_loss(
     return ((predicted - values.to(phi.dtype)) ** 2).sum(-1).mean()
 
 
-def example_generators(seed: int, epoch: int, indices: Sequence[int]) -> list[torch.Generator]:
+def example_generators(
+    seed: int, epoch: int, indices: Sequence[int], stream: int = 7
+) -> list[torch.Generator]:
     """One generator per example from ``(seed, epoch, index)``: an example's coalitions in an epoch do not
-    depend on the batch, the process or the number of processes it is trained in."""
+    depend on the batch, the process or the number of processes it is trained in. ``stream`` separates
+    independent uses of the same ``(seed, epoch, index)``."""
     generators = []
     for index in indices:
-        state = np.random.SeedSequence([seed, epoch, int(index), 7]).generate_state(1, dtype=np.uint64)[0]
+        state = np.random.SeedSequence([seed, epoch, int(index), stream]).generate_state(1, dtype=np.uint64)[
+            0
+        ]
         generators.append(torch.Generator().manual_seed(int(state) & (2**63 - 1)))
     return generators

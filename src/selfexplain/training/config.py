@@ -143,6 +143,14 @@ class TrainingConfig:
     coalitions_per_image: int = _field(
         32, 'For "shapley": coalitions drawn per image and step (pairs with their complements).', parse=int
     )
+    coalition_pool: int | None = _field(
+        None,
+        'For "shapley": draw this many coalitions per image once (pairs with their complements), value them once '
+        "with the frozen value model and fit all of them at every step, instead of coalitions_per_image fresh ones "
+        "per step. The value model then runs once per image instead of once per image and epoch (its values are "
+        "deterministic: it is frozen); needs augment off. Held in memory: images × pool × classes floats.",
+        parse=int,
+    )
     removal_baseline: str = _field(
         "mean", 'For "shapley": what removed patches show ("mean", "zero" or "blur").', parse=str
     )
@@ -276,6 +284,14 @@ class TrainingConfig:
             self.coalitions_per_image,
             "an even int >= 2 (coalitions come with their complements)",
         )
+        pool = self.coalition_pool
+        _check(pool is None or (_is_int(pool) and pool >= 2 and pool % 2 == 0), "coalition_pool", pool,
+               "None or an even int >= 2 (coalitions come with their complements)")  # fmt: skip
+        if pool is not None:
+            _check(self.uses_shapley_objective, "coalition_pool", pool,
+                   'used only with explanation_objective="shapley" and λ > 0')  # fmt: skip
+            # An augmented image differs every epoch: values computed once would belong to another image.
+            _check(not self.augment, "coalition_pool", pool, "used only with augment=False")
         _check(
             self.removal_baseline in BASELINE_KINDS,
             "removal_baseline",

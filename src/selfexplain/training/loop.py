@@ -279,6 +279,8 @@ class _Run:
         self.resumed_from: str | None = None
         self._window = _LossWindow(accelerator.device)
         self._metric: Any = None
+        # coalition_pool: example index -> (coalitions, values, v_empty, v_full), filled on first sight.
+        self._pool: dict[int, tuple[torch.Tensor, ...]] = {}
 
     # --- resume -------------------------------------------------------------------------------------------
 
@@ -439,19 +441,46 @@ class _Run:
         else:
             grid = self.accelerator.unwrap_model(self.model).patch_grid(pixel_values)
         num_players = grid[0] * grid[1]
-        generators = example_generators(self.config.seed, self.epoch, indices.tolist())
-        pairs = self.config.coalitions_per_image // 2
-        coalitions = shapley_kernel_coalitions(num_players, pairs, generators).to(pixel_values.device)
-        values, v_empty, v_full = coalition_values(
-            self.value_model,
-            pixel_values,
-            coalitions,
-            grid,
-            self.config.removal_baseline,
-            game=self.config.explanation_game,
-        )
+        if self.config.coalition_pool is not None:
+            coalitions, values, v_empty, v_full = self._pooled_values(pixel_values, indices, grid)
+        else:
+            generators = example_generators(self.config.seed, self.epoch, indices.tolist())
+            pairs = self.config.coalitions_per_image // 2
+            coalitions = shapley_kernel_coalitions(num_players, pairs, generators).to(pixel_values.device)
+            values, v_empty, v_full = coalition_values(
+                self.value_model,
+                pixel_values,
+                coalitions,
+                grid,
+                self.config.removal_baseline,
+                game=self.config.explanation_game,
+            )
         phi = explanation.flatten(2) / num_players
         return amortized_shapley_loss(phi, coalitions, values, v_empty, v_full)
+
+    def _pooled_values(
+        self, pixel_values: torch.Tensor, indices: torch.Tensor, grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, ...]:
+        """``coalition_pool``: each example's coalitions are drawn from ``(seed, index)`` alone and valued the
+        first time it is seen; later epochs read them back. A resumed run recomputes the same values (the value
+        model is frozen and the draw does not depend on the epoch), so the pool is not checkpointed."""
+        keys = [int(i) for i in indices.tolist()]
+        missing = [row for row, key in enumerate(keys) if key not in self._pool]
+        if missing:
+            generators = example_generators(self.config.seed, 0, [keys[r] for r in missing], stream=11)
+            drawn = shapley_kernel_coalitions(grid[0] * grid[1], self.config.coalition_pool // 2, generators)
+            values, v_empty, v_full = coalition_values(
+                self.value_model,
+                pixel_values[missing],
+                drawn.to(pixel_values.device),
+                grid,
+                self.config.removal_baseline,
+                game=self.config.explanation_game,
+            )
+            for j, row in enumerate(missing):
+                self._pool[keys[row]] = (drawn[j], values[j].cpu(), v_empty[j].cpu(), v_full[j].cpu())
+        device = pixel_values.device
+        return tuple(torch.stack([self._pool[key][part] for key in keys]).to(device) for part in range(4))
 
     def _host_loss(self, host: ExtensionHost, micro: int) -> torch.Tensor:
         """One micro-batch of the host's own images through the shared extension; backward, and the loss."""

@@ -146,6 +146,7 @@ def _load_model(config: TrainingConfig, names: Sequence[str]) -> ViTForSelfExpla
             "method": "amortized_shapley",
             "value_model": config.value_model,
             "coalitions_per_image": config.coalitions_per_image,
+            **({"coalition_pool": config.coalition_pool} if config.coalition_pool is not None else {}),
             "baseline": config.removal_baseline,
             "value": config.explanation_game,
             **(config.targets_info or {}),
