@@ -213,3 +213,51 @@ def test_the_shapley_objective_refuses_a_value_model_of_another_label_set(square
         train(cfg, data)
     with pytest.raises(ValueError, match="value_model"):
         TrainingConfig(base="b", output_dir="o", explanation_loss_weight=1.0, explanation_objective="shapley")
+
+
+class _CrashingProcessor:
+    """The image processor, raising on its n-th call: a crash in the middle of a run."""
+
+    def __init__(self, processor, fail_on_call: int) -> None:
+        self.processor, self.fail_on_call, self.calls = processor, fail_on_call, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise RuntimeError("simulated crash")
+        return self.processor(*args, **kwargs)
+
+
+def test_a_run_with_a_coalition_pool_resumes_to_the_uninterrupted_weights(squares_base, tmp_path):
+    """The pool is not checkpointed: a resumed run values its coalitions again, from ``(seed, index)`` alone,
+    and lands on the weights of the run that was never interrupted."""
+    from safetensors.torch import load_file
+
+    data = coloured_squares(48, seed=0).remove_columns("explanation_targets")
+    common = dict(
+        base=squares_base, num_epochs=3, batch_size=8, learning_rate=3e-3, augment=False, log_every=3
+    )
+    train(TrainingConfig(output_dir=str(tmp_path / "pred"), checkpoint_every=None, **common), data)
+
+    def config(out, **extra):
+        return TrainingConfig(
+            output_dir=str(tmp_path / out),
+            explanation_loss_weight=10.0,
+            explanation_objective="shapley",
+            value_model=str(tmp_path / "pred"),
+            coalition_pool=8,
+            removal_baseline="zero",
+            checkpoint_every=4,
+            **common,
+            **extra,
+        )
+
+    train(config("full"), data)
+    processor = default_image_processor(IMAGE_SIZE)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        # 6 batches value the pool first, then 6 steps per epoch: call 16 is step 10 (the checkpoint: step 8).
+        train(config("run"), data, image_processor=_CrashingProcessor(processor, fail_on_call=16))
+    resumed = train(config("run", resume=True), data, image_processor=processor)
+    assert resumed["resumed_from"].endswith("checkpoint-00000008")
+    full, run = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("full", "run"))
+    assert all(torch.equal(full[key], run[key]) for key in full)

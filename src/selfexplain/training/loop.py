@@ -344,6 +344,8 @@ class _Run:
 
     def fit(self, train_examples: _Examples, eval_examples: _Examples | None) -> None:
         schedule, accelerator = self.schedule, self.accelerator
+        if self.config.coalition_pool is not None and self.global_step < schedule.total_steps:
+            self._fill_coalition_pool(train_examples)
         bar = progress_bar(
             total=schedule.total_steps,
             initial=self.global_step,
@@ -383,6 +385,32 @@ class _Run:
                 self.step_in_epoch = 0
                 if self.config.checkpoint_every == "epoch":
                     self.save_checkpoint()
+        bar.close()
+
+    def _fill_coalition_pool(self, train_examples: _Examples) -> None:
+        """Value the coalition pool of every example this process trains on in the current epoch, before the
+        first step and under its own progress bar: that is most of the run's cost, and paid inside the first
+        epoch it would make the training bar's time estimate wrong. Examples this process first sees in a later
+        epoch (another shard with several processes) are valued when they come."""
+        schedule, accelerator = self.schedule, self.accelerator
+        batches = _EpochBatches(
+            schedule,
+            self.config.seed,
+            self.epoch,
+            accelerator.process_index,
+            skip_micro_batches=self.step_in_epoch * schedule.accumulation,
+        )
+        model = accelerator.unwrap_model(self.model)
+        bar = progress_bar(
+            total=len(batches),
+            desc=f"valuing {self.config.coalition_pool} coalitions per image",
+            unit="batch",
+            disable=not accelerator.is_local_main_process,
+        )
+        for batch in _loader(train_examples, batches, self.config.num_workers):
+            pixel_values = batch["pixel_values"].to(accelerator.device)
+            self._pooled_values(pixel_values, batch[INDEX_KEY], model.patch_grid(pixel_values))
+            bar.update(1)
         bar.close()
 
     def _optimizer_step(self, micro_batches: Iterator[dict[str, torch.Tensor]]) -> None:
