@@ -111,3 +111,25 @@ def test_fit_alpha_global_only_returns_a_float(vector):
         fit_alpha(tiny_classifier(), vector, pixels(batch=2), grid=(0.5, 1.0), progress=False)
     with pytest.raises(ValueError, match="image processor"):
         fit_alpha(tiny_classifier(), vector, [Image.new("RGB", (16, 16))], progress=False)
+
+
+def test_fit_alpha_searches_only_the_blocks_a_vector_moves(vector):
+    """α on a block whose deltas are all zero cannot change the model: such blocks are not searched (an
+    explanation extension's vector moves none of the backbone's); they keep the global α."""
+    target, images = tiny_classifier(seed=3), pixels(batch=8, seed=5)
+    kwargs = dict(auc_steps=2, progress=False)
+    full = fit_alpha(target, vector, images, **kwargs)
+    grid, blocks = 7, 2  # the default grid; the tiny model's blocks
+    assert len(full.history) == grid + (blocks + 1) * (grid - 1)
+    # The same vector with block 1 and everything outside the blocks set to zero: only block 0 is searched.
+    block0 = ExplanationVector(
+        {
+            k: (v if k.startswith("vit.encoder.layer.0.") else torch.zeros_like(v))
+            for k, v in vector.tensors.items()
+        },
+        vector.config,
+    )
+    fit = fit_alpha(target, block0, images, **kwargs)
+    assert len(fit.history) == grid + (grid - 1)
+    assert all(entry["alpha"]["blocks"][1] == fit.global_alpha for entry in fit.history[grid:])
+    assert fit.alpha.blocks[1] == fit.alpha.other == fit.global_alpha

@@ -134,7 +134,13 @@ def fit_alpha(
             bar.update(1)
         return cache[key]
 
-    candidates = len(grid) + (sweeps * (num_blocks + 1) * (len(grid) - 1) if per_layer else 0)
+    # Only groups (blocks, and the tensors outside them) where the vector moves a weight are searched: α on an
+    # all-zero group changes nothing (an extension vector's backbone deltas are zero), so the result is the same.
+    groups = [*range(num_blocks), "other"]
+    labels = LayerAlpha(blocks=tuple(float(i) for i in range(num_blocks)), other=-1.0)
+    moving = {int(labels.alpha_for(key)) for key, tensor in vector.tensors.items() if bool(tensor.any())}
+    groups = [g for g in groups if (-1 if g == "other" else g) in moving]
+    candidates = len(grid) + (sweeps * len(groups) * (len(grid) - 1) if per_layer else 0)
     bar = progress_bar(total=candidates, desc="fit_alpha", unit="α", disable=not progress)
     try:
         scores = {a: evaluate(LayerAlpha.uniform(a, num_blocks)) for a in grid}
@@ -144,7 +150,7 @@ def fit_alpha(
         best_score = scores[global_alpha]
         if per_layer:
             for _ in range(sweeps):
-                for group in [*range(num_blocks), "other"]:
+                for group in groups:
                     for value in grid:
                         candidate = _with(best, group, value)
                         if candidate == best:
