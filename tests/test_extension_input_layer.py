@@ -153,3 +153,29 @@ def test_a_vector_config_naming_a_block_is_checked(inner_extension, tmp_path):
         path.write_text(json.dumps({**good, **change}))
         with pytest.raises(InvalidExplanationVectorError, match=message):
             ExplanationVector.from_pretrained(tmp_path / "vec")
+
+
+def test_alpha_zero_of_an_inner_extension_is_not_the_unpatched_map_and_the_suite_sweeps_from_the_model(
+    inner_extension,
+):
+    """An all-zero extension is the identity on the tokens it reads: on the final tokens that is the model's own
+    map, on block 1's it is not. So the suite's α sweep starts from the model itself (the "no transfer" map), not
+    from the vector at α = 0."""
+    from selfexplain.experiments.experiment import _patched
+
+    root = inner_extension
+    vector = ExplanationVector.from_models(
+        self_explaining=ViTForSelfExplainingClassification.from_pretrained(root / "se"),
+        prediction_only=ViTForSelfExplainingClassification.from_pretrained(root / "pred"),
+    )
+    model = ViTForSelfExplainingClassification.from_pretrained(root / "pred").eval()
+    x = pixels(4)
+    with torch.no_grad():
+        own = model(x, explain="all").explanation
+        at_zero = apply_explanation_vector(model, vector, alpha=0.0).eval()(x, explain="all").explanation
+        swept = _patched(model, vector, 0.0)(x, explain="all").explanation
+        at_one = _patched(model, vector, 1.0)(x, explain="all").explanation
+    assert not torch.allclose(at_zero, own, atol=1e-3)  # block 1's tokens, read by the classifier
+    torch.testing.assert_close(swept, own, rtol=0, atol=0)
+    expected = apply_explanation_vector(model, vector, alpha=1.0).eval()(x, explain="all").explanation
+    torch.testing.assert_close(at_one, expected, rtol=0, atol=0)

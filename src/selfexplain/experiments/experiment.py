@@ -414,9 +414,7 @@ class Experiment:
             vector = self.vector(seed, source)
             sweep = {}
             for alpha in cfg.alphas:
-                patched = apply_explanation_vector(
-                    model, vector, alpha=alpha, resize_position_embeddings=cfg.resize_position_embeddings
-                ).eval()
+                patched = _patched(model, vector, alpha, cfg.resize_position_embeddings)
                 with torch.inference_mode():
                     patched_pred = patched(x, explain=None).logits.argmax(-1)
                     select_agree = patched(x_sel, explain=None).logits.argmax(-1) == model(
@@ -568,7 +566,7 @@ class Experiment:
             original = model(x, explain=None).logits.argmax(-1)
         sweep = {}
         for alpha in cfg.alphas:
-            patched = apply_explanation_vector(model, vector, alpha=alpha).eval()
+            patched = _patched(model, vector, alpha)
             with torch.inference_mode():
                 pred = patched(x, explain=None).logits.argmax(-1)
             faith = self.faithfulness(patched, x, self.patch_map(patched, x, pred, cfg.grid()), pred)
@@ -715,12 +713,7 @@ class Experiment:
         x = self.pixels(test)
         model = self.load(self.finetune(seed, target, 0.0))
         alpha = self.recommended_alpha(seed, source)
-        patched = apply_explanation_vector(
-            model,
-            self.vector(seed, source),
-            alpha=alpha,
-            resize_position_embeddings=cfg.resize_position_embeddings,
-        ).eval()
+        patched = _patched(model, self.vector(seed, source), alpha, cfg.resize_position_embeddings)
         with torch.inference_mode():
             predicted = model(x, explain=None).logits.argmax(-1)
         reference = self.kernel_shap(model, x, cfg.reference_budget, 10_000 + seed)[
@@ -900,6 +893,18 @@ def _select_alpha(sweep: dict[str, dict[str, float]], threshold: float) -> float
     if not allowed:
         return 0.0
     return float(max(allowed, key=lambda a: (allowed[a]["select_insertion_minus_deletion"], -float(a))))
+
+
+def _patched(model, vector: ExplanationVector, alpha: float, resize_position_embeddings: bool = False):
+    """The model with ``alpha`` × the vector; at α = 0 the model itself, unpatched. (The same thing for a vector
+    whose extension reads the final tokens: its all-zero extension is the identity. An extension reading an inner
+    block's tokens is not: at α = 0 the classifier would read that block's tokens, which is not the model's own
+    map, so the sweep's α = 0 is the model as it explains without any vector.)"""
+    if alpha == 0:
+        return model.eval()
+    return apply_explanation_vector(
+        model, vector, alpha=alpha, resize_position_embeddings=resize_position_embeddings
+    ).eval()
 
 
 def _environment(workers: int = 1) -> dict[str, str]:

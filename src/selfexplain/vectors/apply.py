@@ -70,9 +70,12 @@ def apply_explanation_vector(
             variants the design does not fit; `save_timm_checkpoint` writes the result back in timm's layout).
         vector: an `ExplanationVector`, or a Hub id / folder of one.
         alpha: scale of the vector; `None` uses the vector's `recommended_alpha`. `alpha=0` returns the
-            original weights exactly. A `LayerAlpha` (e.g. from `fit_alpha`) scales each transformer block by its
-            own α (its serialised dict, as an applied model's config records it, is accepted too); the
-            `AlphaFit` that `fit_alpha` returns applies its α and records the fit in the config and card.
+            original weights exactly (plus, for a vector with an extension, an all-zero one: the identity on the
+            tokens it reads, so the model's own map when it reads the final tokens, but the classifier applied to
+            block k's tokens for an extension that reads block k; compare with the model itself there).
+            A `LayerAlpha` (e.g. from `fit_alpha`) scales each transformer block by its own α (its serialised
+            dict, as an applied model's config records it, is accepted too); the `AlphaFit` that `fit_alpha`
+            returns applies its α and records the fit in the config and card.
         inplace: update a loaded `ViTForSelfExplainingClassification` in place instead of returning a new model.
             A `ViTForImageClassification` is never changed: a new self-explaining model is returned.
         resize_position_embeddings: allow a model whose image size (so patch grid) differs from the vector's,
