@@ -2,8 +2,9 @@
 Training budget, capacity, learning rate, the supervision (amortised objective vs Kernel SHAP targets) and the
 game it fits (the source head's probabilities vs the backbone's representation), per CPU-minute.
 
-Built on a finished `full` suite (`selfexplain experiment --config full`: the explanation extension): for each seed it reuses the
-suite's prediction-only MNIST classifier (frozen: every variant predicts exactly as it does), its Kernel SHAP
+Built on a finished `extension_last_block` suite (`selfexplain experiment --config extension_last_block`: the
+explanation extension on the final tokens with fresh coalitions every epoch, the `full` suite's former recipe, which
+these variants led away from): for each seed it reuses the suite's prediction-only MNIST classifier (frozen: every variant predicts exactly as it does), its Kernel SHAP
 reference (recomputed here with the suite's seeds on the same images: the classifier's logits are all a reference
 reads, so it is the reference of every variant) and the suite's Kernel SHAP budget curve (B*). Each variant trains
 an extension on the same 2000 MNIST images with one change to the suite's recipe and is scored like the suite's
@@ -31,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "src" / "selfexplain" / "experiments" / "configs" / "full.json"
+CONFIG = ROOT / "src" / "selfexplain" / "experiments" / "configs" / "extension_last_block.json"
 SOURCE = "mnist"
 TARGET = "digits"  # transfer is scored on the suite's related target
 
@@ -45,9 +46,13 @@ HOSTS = ["digits-on-clutter", "shapes-on-clutter"]
 #: for 10 epochs), lr 3e-3, at three training lengths.
 _REPR = {"explanation_game": "representation"}
 
-#: name → (changes to the `full` suite's config, what the change tests)
+#: name → (changes to the `extension_last_block` suite's config, what the change tests)
 VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
-    "suite recipe": ({}, "the suite's model, reused: 1 block, 8 coalitions/image, lr 3e-3, 30 epochs"),
+    "suite recipe": (
+        {},
+        "the `extension_last_block` suite's model, reused: 1 block on the final tokens, 8 coalitions/image, "
+        "lr 3e-3, 30 epochs",
+    ),
     "10 epochs, lr 1e-3": (
         _OLD,
         "the session-5 recipe (every row down to the targets changes one thing of it)",
@@ -289,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--suite-work", default=str(ROOT / "outputs" / "full" / "work"))
+    parser.add_argument("--suite-work", default=str(ROOT / "outputs" / "extension_last_block" / "work"))
     parser.add_argument("--cache", default=str(ROOT / "outputs" / "extension_ablation"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -369,7 +374,7 @@ def write(rows: list[dict], args, wall: float) -> None:
     lines = [
         "# Explanation extension: what limits its in-domain fidelity (MNIST), and what it does to transfer",
         "",
-        f"Produced by `{command}` on top of `selfexplain experiment --config full`; this invocation's wall "
+        f"Produced by `{command}` on top of `selfexplain experiment --config extension_last_block`; this invocation's wall "
         f"time {wall / 60:.1f} min on {_environment(args.workers)['machine']} (variants already trained are read "
         "back: their training CPU time below is the one recorded when they were trained). Every variant trains an extension "
         '(`trainable="extension"`) on the suite\'s frozen prediction-only MNIST classifier (so every variant predicts '

@@ -59,7 +59,9 @@ def fit_alpha(
         images: preprocessed ``pixel_values`` ``(B, C, H, W)`` or PIL images (then ``image_processor``, or the
             processor `apply_explanation_vector` attached to the model, prepares them). No labels.
         per_layer: search one α per transformer block after the global one.
-        grid: the α values tried (must contain 0: the unpatched model is the reference).
+        grid: the α values tried (must contain 0: the unpatched model is the reference; for a vector whose
+            extension reads an inner block, α = 0 is its all-zero extension, whose map is the classifier on that
+            block's tokens rather than the model's own map, see `apply_explanation_vector`).
         min_agreement: the share of the unpatched model's top-1 predictions the patched model must keep.
         sweeps: passes of the per-block coordinate ascent.
         max_images: fit on a seeded random subset of this many images (``None``: all).
