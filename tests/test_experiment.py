@@ -1,6 +1,6 @@
 """End to end: the README's main job (`selfexplain demo`) and the quickstart notebook that builds on it.
 
-The demo trains real (tiny) models on the built-in offline domains: about 3 minutes on 2 CPU cores.
+The demo trains real (tiny) models on the built-in offline domains: about 5 minutes on 2 CPU cores.
 """
 
 import json
