@@ -354,13 +354,7 @@ class _Run:
             disable=not accelerator.is_local_main_process,
         )
         while self.global_step < schedule.total_steps:
-            batches = _EpochBatches(
-                schedule,
-                self.config.seed,
-                self.epoch,
-                accelerator.process_index,
-                skip_micro_batches=self.step_in_epoch * schedule.accumulation,
-            )
+            batches = self._epoch_batches()
             micro_batches = iter(_loader(train_examples, batches, self.config.num_workers))
             while self.step_in_epoch < schedule.steps_per_epoch and self.global_step < schedule.total_steps:
                 self._optimizer_step(micro_batches)
@@ -387,19 +381,24 @@ class _Run:
                     self.save_checkpoint()
         bar.close()
 
+    def _epoch_batches(self) -> _EpochBatches:
+        """This process's batches of the epoch in progress, after the micro-batches already trained."""
+        schedule = self.schedule
+        return _EpochBatches(
+            schedule,
+            self.config.seed,
+            self.epoch,
+            self.accelerator.process_index,
+            skip_micro_batches=self.step_in_epoch * schedule.accumulation,
+        )
+
     def _fill_coalition_pool(self, train_examples: _Examples) -> None:
         """Value the coalition pool of every example this process trains on in the current epoch, before the
         first step and under its own progress bar: that is most of the run's cost, and paid inside the first
         epoch it would make the training bar's time estimate wrong. Examples this process first sees in a later
         epoch (another shard with several processes) are valued when they come."""
-        schedule, accelerator = self.schedule, self.accelerator
-        batches = _EpochBatches(
-            schedule,
-            self.config.seed,
-            self.epoch,
-            accelerator.process_index,
-            skip_micro_batches=self.step_in_epoch * schedule.accumulation,
-        )
+        accelerator = self.accelerator
+        batches = self._epoch_batches()
         model = accelerator.unwrap_model(self.model)
         bar = progress_bar(
             total=len(batches),
