@@ -261,3 +261,29 @@ def test_a_run_with_a_coalition_pool_resumes_to_the_uninterrupted_weights(square
     assert resumed["resumed_from"].endswith("checkpoint-00000008")
     full, run = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("full", "run"))
     assert all(torch.equal(full[key], run[key]) for key in full)
+
+
+def test_a_run_stopped_by_max_steps_values_only_the_images_it_trains_on(squares_base, tmp_path):
+    data = coloured_squares(48, seed=0).remove_columns("explanation_targets")
+    common = dict(base=squares_base, batch_size=8, augment=False, checkpoint_every=None)
+    train(TrainingConfig(output_dir=str(tmp_path / "pred"), max_steps=2, **common), data)
+    valued = []
+
+    def count(module, args, kwargs, output):
+        if isinstance(module, ViTForSelfExplainingClassification) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            valued.append(len(kwargs.get("pixel_values", args[0] if args else None)))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(count, with_kwargs=True)
+    try:
+        train(
+            TrainingConfig(
+                output_dir=str(tmp_path / "se"), explanation_loss_weight=1.0, explanation_objective="shapley",
+                value_model=str(tmp_path / "pred"), coalition_pool=8, max_steps=2, **common,
+            ),
+            data,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    assert sum(valued) == 2 * 8 * (8 + 2)  # 2 steps of 8 images, not the 6 batches of the epoch

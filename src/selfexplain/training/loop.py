@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -396,17 +397,20 @@ class _Run:
         """Value the coalition pool of every example this process trains on in the current epoch, before the
         first step and under its own progress bar: that is most of the run's cost, and paid inside the first
         epoch it would make the training bar's time estimate wrong. Examples this process first sees in a later
-        epoch (another shard with several processes) are valued when they come."""
-        accelerator = self.accelerator
+        epoch (another shard with several processes, or the next epoch of a run that stops early) are valued when
+        they come; a run that stops within the epoch (`max_steps`) values only the batches it will train on."""
+        accelerator, schedule = self.accelerator, self.schedule
         batches = self._epoch_batches()
+        steps = min(schedule.steps_per_epoch - self.step_in_epoch, schedule.total_steps - self.global_step)
         model = accelerator.unwrap_model(self.model)
         bar = progress_bar(
-            total=len(batches),
+            total=steps * schedule.accumulation,
             desc=f"valuing {self.config.coalition_pool} coalitions per image",
             unit="batch",
             disable=not accelerator.is_local_main_process,
         )
-        for batch in _loader(train_examples, batches, self.config.num_workers):
+        loader = _loader(train_examples, batches, self.config.num_workers)
+        for batch in itertools.islice(loader, steps * schedule.accumulation):
             pixel_values = batch["pixel_values"].to(accelerator.device)
             self._pooled_values(pixel_values, batch[INDEX_KEY], model.patch_grid(pixel_values))
             bar.update(1)
