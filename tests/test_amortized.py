@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -117,6 +118,25 @@ def squares_base(tmp_path_factory):
     return str(path)
 
 
+@contextlib.contextmanager
+def _value_model_images():
+    """Counts the images that go through the frozen value model (the only model whose parameters are all frozen)
+    while the block runs: a global forward hook, observing only."""
+    valued: list[int] = []
+
+    def count(module, args, kwargs, output):
+        if isinstance(module, ViTForSelfExplainingClassification) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            valued.append(len(kwargs.get("pixel_values", args[0] if args else None)))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(count, with_kwargs=True)
+    try:
+        yield valued
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("pool", [None, 16])
 def test_train_with_the_shapley_objective_needs_no_targets_and_learns_shapley_maps(
     squares_base, tmp_path, pool
@@ -133,16 +153,7 @@ def test_train_with_the_shapley_objective_needs_no_targets_and_learns_shapley_ma
     common["checkpoint_every"] = None
     pred_dir, se_dir = tmp_path / "pred", tmp_path / "se"
     train(TrainingConfig(output_dir=str(pred_dir), **common), data)
-    valued = []  # images through the frozen value model (the only model whose parameters are all frozen)
-
-    def count(module, args, kwargs, output):
-        if isinstance(module, ViTForSelfExplainingClassification) and not any(
-            p.requires_grad for p in module.parameters()
-        ):
-            valued.append(len(kwargs.get("pixel_values", args[0] if args else None)))
-
-    hook = torch.nn.modules.module.register_module_forward_hook(count, with_kwargs=True)
-    try:
+    with _value_model_images() as valued:
         metrics = train(
             TrainingConfig(
                 output_dir=str(se_dir),
@@ -156,8 +167,6 @@ def test_train_with_the_shapley_objective_needs_no_targets_and_learns_shapley_ma
             ),
             data,
         )
-    finally:
-        hook.remove()
     assert metrics["train_explanation_loss"] > 0
     # Per image: its coalitions and the empty and full image, once with a pool, else at every epoch.
     per_image = pool + 2 if pool is not None else common["num_epochs"] * (8 + 2)
@@ -267,16 +276,7 @@ def test_a_run_stopped_by_max_steps_values_only_the_images_it_trains_on(squares_
     data = coloured_squares(48, seed=0).remove_columns("explanation_targets")
     common = dict(base=squares_base, batch_size=8, augment=False, checkpoint_every=None)
     train(TrainingConfig(output_dir=str(tmp_path / "pred"), max_steps=2, **common), data)
-    valued = []
-
-    def count(module, args, kwargs, output):
-        if isinstance(module, ViTForSelfExplainingClassification) and not any(
-            p.requires_grad for p in module.parameters()
-        ):
-            valued.append(len(kwargs.get("pixel_values", args[0] if args else None)))
-
-    hook = torch.nn.modules.module.register_module_forward_hook(count, with_kwargs=True)
-    try:
+    with _value_model_images() as valued:
         train(
             TrainingConfig(
                 output_dir=str(tmp_path / "se"), explanation_loss_weight=1.0, explanation_objective="shapley",
@@ -284,6 +284,4 @@ def test_a_run_stopped_by_max_steps_values_only_the_images_it_trains_on(squares_
             ),
             data,
         )  # fmt: skip
-    finally:
-        hook.remove()
     assert sum(valued) == 2 * 8 * (8 + 2)  # 2 steps of 8 images, not the 6 batches of the epoch
