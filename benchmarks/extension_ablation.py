@@ -134,6 +134,44 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         },
         "the same with 32 coalitions per image in the pool",
     ),
+    # Where the extension's tokens go (`explanation_extension_route`): through the classifier's own blocks 2-4
+    # (as query tokens that read the image's tokens) before its final norm and head, instead of straight to the
+    # head. The blocks after block 1 are where two fine-tunes of θ0 differ most.
+    "input block 1, 30 epochs, pool 64, through the backbone": (
+        {
+            "explanation_train": {"learning_rate": 3e-3, "num_epochs": 30, "coalition_pool": 64},
+            "explanation_extension_input_layer": 1,
+            "explanation_extension_route": "backbone",
+        },
+        "`input block 1, 30 epochs, pool 64` with the extension's tokens passed through the classifier's own "
+        "blocks 2-4 (query tokens) and final norm before its head",
+    ),
+    "input block 1, through the backbone": (
+        {
+            "explanation_train": {"learning_rate": 3e-3},
+            "explanation_extension_input_layer": 1,
+            "explanation_extension_route": "backbone",
+        },
+        "`input block 1` (10 epochs, 8 fresh coalitions per image and epoch) through the backbone",
+    ),
+    "input block 1, 2 blocks, 30 epochs, pool 64, through the backbone": (
+        {
+            "explanation_train": {"learning_rate": 3e-3, "num_epochs": 30, "coalition_pool": 64},
+            "explanation_extension_input_layer": 1,
+            "explanation_extension_layers": 2,
+            "explanation_extension_route": "backbone",
+        },
+        "the same with an extension of 2 blocks (capacity)",
+    ),
+    "input block 0, 2 blocks, 30 epochs, pool 64, through the backbone": (
+        {
+            "explanation_train": {"learning_rate": 3e-3, "num_epochs": 30, "coalition_pool": 64},
+            "explanation_extension_input_layer": 0,
+            "explanation_extension_layers": 2,
+            "explanation_extension_route": "backbone",
+        },
+        "the same reading the embeddings: every block of the classifier carries the tokens",
+    ),
     "representation game, 10 epochs, no clipping": (
         {**_REPR, "explanation_train": {"learning_rate": 3e-3, "num_epochs": 10, "max_grad_norm": None}},
         "the `representation game, 10 epochs` row without gradient clipping (the `extension_representation` "

@@ -237,6 +237,13 @@ def test_a_finished_unit_computed_with_other_settings_is_not_reported(tmp_path):
     with pytest.raises(ValueError, match="coalitions_per_image: computed with 2, asked 8"):
         run(changed)
     assert path.read_bytes() == before and calls == [unit]  # nothing deleted or recomputed
+    # A setting added to the suite after the file was written counts as its default there.
+    record = json.loads(before)
+    del record["settings"]["explanation_extension_route"]
+    path.write_text(json.dumps(record))
+    assert run(config)["result"] == first["result"] and calls == [unit]
+    with pytest.raises(ValueError, match="explanation_extension_route: computed with 'classifier'"):
+        run(replace(config, explanation_extension_route="backbone"))
     # A result file written before units recorded their settings is read back as it is.
     old = {key: value for key, value in first.items() if key != "settings"}
     path.write_text(json.dumps(old))

@@ -36,6 +36,8 @@ def _metrics_table(metrics: dict[str, Any] | None, header: str = "metric") -> st
 
 def render_vector_card(config: ExplanationVectorConfig, repo_id: str | None = None) -> ModelCard:
     """The `README.md` of an explanation vector repo (metadata the Hub understands + usage + limitations)."""
+    from .vectors.config import format_version_for
+
     provenance = dict(config.provenance)
     source_dataset = provenance.get("source_dataset")
     card_data = ModelCardData(
@@ -66,6 +68,13 @@ def render_vector_card(config: ExplanationVectorConfig, repo_id: str | None = No
         key_patterns=provenance.get("include", "vit.*, explainer.*" if config.extension_layers else "vit.*"),
         extension_layers=config.extension_layers,
         extension_input_layer=config.extension_input_layer,
+        extension_route=config.extension_route,
+        format_version=format_version_for(
+            config.tensors,
+            config.compression is not None,
+            config.extension_input_layer,
+            config.extension_route,
+        ),
         storage_dtype=config.storage_dtype,
         compression=_compression_line(config),
         recommended_alpha=config.recommended_alpha,

@@ -82,9 +82,16 @@ SELF_EXPLAINING_CONFIG_DEFAULTS: dict[str, object] = {
     # fine-tunes of one base furthest apart, so an extension that reads an earlier block is less tied to the
     # backbone it was trained on.
     "explanation_extension_input_layer": None,
+    # Where the extension's tokens go: "classifier", straight to the classifier; "backbone" (an inner-block
+    # extension only), back into the model's own later blocks as query tokens — each reads the image's tokens
+    # like the CLS token does, none is read by them — then the final layer norm and the classifier. With
+    # "backbone" the target's own later blocks turn the extension's output into its map, so the extension
+    # only has to be right in the early blocks' representation, where fine-tunes of one base differ least.
+    "explanation_extension_route": "classifier",
 }
 
 EXPLANATION_HEADS: tuple[str, ...] = ("shared", "extension")
+EXTENSION_ROUTES: tuple[str, ...] = ("classifier", "backbone")
 
 ExplainSpec = str | int | Sequence[int] | torch.Tensor | None
 
@@ -239,6 +246,21 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
                 f"`explanation_extension_input_layer` must be None (the final normed tokens) or a block index in "
                 f"[0, {config.num_hidden_layers}] (0: the embeddings), got {layer!r}."
             )
+        route = config.explanation_extension_route
+        if route not in EXTENSION_ROUTES:
+            raise ValueError(
+                f"`explanation_extension_route` must be one of {EXTENSION_ROUTES}, got {route!r}."
+            )
+        if (
+            config.explanation_head == "extension"
+            and route == "backbone"
+            and (layer is None or layer >= config.num_hidden_layers)
+        ):
+            raise ValueError(
+                '`explanation_extension_route="backbone"` sends the extension\'s tokens through the blocks after '
+                "the one it reads, so `explanation_extension_input_layer` must be a block index below "
+                f"{config.num_hidden_layers}, got {layer!r}."
+            )
         self.explainer = ViTExplanationExtension(config) if config.explanation_head == "extension" else None
         self.post_init()
         # transformers picks the loss from the class name; ours does not end in "ForImageClassification".
@@ -380,6 +402,10 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
         if self.explainer is not None and wants_explanation:
             read = sequence_output if extension_layer is None else outputs.hidden_states[extension_layer]
             patch_tokens = self.explainer(read)
+            if self.config.explanation_extension_route == "backbone":
+                patch_tokens = self._route_through_backbone(
+                    patch_tokens, outputs.hidden_states, extension_layer
+                )
         else:
             patch_tokens = sequence_output[:, 1:, :]
 
@@ -416,6 +442,42 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
             hidden_states=outputs.hidden_states if return_hidden_states else None,
             attentions=outputs.attentions,
         )
+
+    def _route_through_backbone(
+        self, queries: torch.Tensor, hidden_states: tuple[torch.Tensor, ...], first: int
+    ) -> torch.Tensor:
+        """Run the extension's tokens through blocks `first + 1 ...` of the backbone as query tokens.
+
+        In block `l` each query token attends to the image's sequence entering that block (`hidden_states[l]`:
+        keys and values) and not to the other queries; the image's own sequence is not changed, so neither
+        are the logits. A query equal to patch token `j` therefore stays equal to it through every block: the
+        zero extension's map is exactly the model's own (shared-head) map.
+        """
+        layers = (
+            self.vit.layers if hasattr(self.vit, "layers") else self.vit.encoder.layer
+        )  # transformers 5 / 4
+        heads = self.config.num_attention_heads
+        batch, length, hidden = queries.shape
+
+        def split(
+            x: torch.Tensor,
+        ) -> torch.Tensor:  # (batch, tokens, hidden) -> (batch, heads, tokens, head_dim)
+            return x.view(batch, x.shape[1], heads, -1).transpose(1, 2)
+
+        for index, layer in enumerate(layers[first:], start=first):
+            parts = _vit_layer_parts(layer)
+            context = parts.layernorm_before(hidden_states[index])
+            normed = parts.layernorm_before(queries)
+            attended = F.scaled_dot_product_attention(
+                split(parts.query(normed)), split(parts.key(context)), split(parts.value(context))
+            )
+            queries = queries + parts.attention_output(
+                attended.transpose(1, 2).reshape(batch, length, hidden)
+            )
+            queries = queries + parts.mlp_output(
+                parts.activation(parts.mlp_input(parts.layernorm_after(queries)))
+            )
+        return self.vit.layernorm(queries)
 
     def patch_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         """The `(grid_h, grid_w)` patch grid of an input, following its real size (not `config.image_size`)."""
@@ -505,6 +567,35 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
         if kind == "pearson":
             return (1.0 - _pearson(scores.flatten(2), targets.flatten(2))).mean()
         raise ValueError(f'Unknown `config.explanation_loss` {kind!r}; expected "mse" or "pearson".')
+
+
+@dataclass(frozen=True)
+class _LayerParts:
+    layernorm_before: nn.Module
+    query: nn.Module
+    key: nn.Module
+    value: nn.Module
+    attention_output: nn.Module
+    layernorm_after: nn.Module
+    mlp_input: nn.Module
+    activation: nn.Module
+    mlp_output: nn.Module
+
+
+def _vit_layer_parts(layer: nn.Module) -> _LayerParts:
+    """The modules of one `ViTLayer`, under transformers 5's names (`q_proj`, `mlp.fc1`) or 4's (`query`)."""
+    attention = layer.attention
+    if hasattr(attention, "q_proj"):  # transformers >= 5
+        return _LayerParts(
+            layer.layernorm_before, attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
+            layer.layernorm_after, layer.mlp.fc1, layer.mlp.activation_fn, layer.mlp.fc2,
+        )  # fmt: skip
+    own = attention.attention
+    activation = layer.intermediate.intermediate_act_fn
+    return _LayerParts(
+        layer.layernorm_before, own.query, own.key, own.value, attention.output.dense,
+        layer.layernorm_after, layer.intermediate.dense, activation, layer.output.dense,
+    )  # fmt: skip
 
 
 def pool_to_player_grid(scores: torch.Tensor, player_grid: tuple[int, int]) -> torch.Tensor:

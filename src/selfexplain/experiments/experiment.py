@@ -16,6 +16,7 @@ experiment resumes. `docs/results/<name>/` gets `report.md`, `results.json` and 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -82,6 +83,8 @@ class ExperimentConfig:
     explanation_extension_layers: int = 1
     # What the extension reads: None, the final normed tokens; k, the output of block k (0: the embeddings).
     explanation_extension_input_layer: int | None = None
+    # Where an inner-block extension's tokens go: "classifier", or "backbone" (the model's own later blocks first).
+    explanation_extension_route: str = "classifier"
     # "all": the self-explaining model is fine-tuned from θ0 like the prediction-only one; "extension": only its
     # extension is trained, on top of the frozen prediction-only model (logits unchanged, vector = extension).
     trainable: str = "all"
@@ -229,6 +232,7 @@ class Experiment:
                 "explanation_extension_layers": self.config.explanation_extension_layers,
                 "trainable": self.config.trainable,
                 "explanation_extension_input_layer": self.config.explanation_extension_input_layer,
+                "explanation_extension_route": self.config.explanation_extension_route,
             }
             if (
                 self.config.trainable == "extension"
@@ -969,6 +973,15 @@ def _result_settings(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(kept, sort_keys=True))
 
 
+def _setting_defaults() -> dict[str, Any]:
+    """Every `ExperimentConfig` setting's default value."""
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(ExperimentConfig)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+
+
 def _check_result_settings(path: Path, record: Mapping[str, Any], config: dict[str, Any]) -> None:
     """Refuse to report a finished unit that was computed with other settings than the suite asks for now (its
     numbers would be shown under a configuration that did not produce them). Result files written before units
@@ -977,6 +990,8 @@ def _check_result_settings(path: Path, record: Mapping[str, Any], config: dict[s
     if saved is None:
         return
     wanted = _result_settings(config)
+    # A setting added after the file was written had its default value then.
+    saved = {**_result_settings(_setting_defaults()), **saved}
     different = sorted(key for key in saved.keys() | wanted.keys() if saved.get(key) != wanted.get(key))
     if different:
         details = ", ".join(

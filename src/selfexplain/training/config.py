@@ -14,6 +14,7 @@ import numpy as np
 from ..attribution.amortized import SHAPLEY_GAMES
 from ..attribution.masking import BASELINE_KINDS
 from ..data.columns import EXPLANATION_TARGETS_COLUMN
+from ..modeling_self_explaining_vit import EXPLANATION_HEADS, EXTENSION_ROUTES
 
 EXPLANATION_LOSSES: tuple[str, ...] = ("mse", "pearson")
 #: "targets": fit precomputed explanation targets (Kernel SHAP); "shapley": the amortised Shapley objective
@@ -22,7 +23,6 @@ EXPLANATION_OBJECTIVES: tuple[str, ...] = ("targets", "shapley")
 #: What the optimizer updates: every parameter, or only the explanation extension (backbone and classifier
 #: frozen, so the model's logits stay exactly those of `base`).
 TRAINABLE: tuple[str, ...] = ("all", "extension")
-EXPLANATION_HEADS: tuple[str, ...] = ("shared", "extension")
 LR_SCHEDULERS: tuple[str, ...] = (
     "cosine",
     "linear",
@@ -58,6 +58,9 @@ class TrainingConfig:
         explanation_extension_layers: blocks of a new extension (``explanation_head="extension"``).
         explanation_extension_input_layer: what a new extension reads: ``None``, the final normed tokens; ``k``,
             the output of block ``k`` (``0``: the embeddings). It travels with the extension's vector.
+        explanation_extension_route: where a new inner-block extension's tokens go: ``"classifier"`` (scored
+            directly) or ``"backbone"`` (through the model's own later blocks as query tokens, then the final
+            layer norm and the classifier). It travels with the extension's vector.
         trainable: ``"all"`` parameters, or only the ``"extension"``: backbone and classifier stay frozen, so
             the trained model predicts exactly as ``base`` (use a fine-tuned classifier as ``base`` and as
             ``value_model``); its explanation vector then changes only the extension (its backbone deltas
@@ -168,6 +171,12 @@ class TrainingConfig:
         "What a new explanation extension reads: the output of this block (0: the embeddings; default: the final "
         "normed tokens).",
         parse=int,
+    )
+    explanation_extension_route: str = _field(
+        "classifier",
+        f"Where a new inner-block extension's tokens go, one of {EXTENSION_ROUTES}: straight to the classifier, or "
+        "through the model's own later blocks (as query tokens) first.",
+        parse=str,
     )
     trainable: str = _field(
         "all",
@@ -335,6 +344,11 @@ class TrainingConfig:
         if layer is not None:
             _check(self.explanation_head == "extension", "explanation_extension_input_layer", layer,
                    'set only with explanation_head="extension"')  # fmt: skip
+        route = self.explanation_extension_route
+        _check(route in EXTENSION_ROUTES, "explanation_extension_route", route, f"one of {EXTENSION_ROUTES}")
+        if route == "backbone":
+            _check(layer is not None, "explanation_extension_route", route,
+                   "set only with an explanation_extension_input_layer (the blocks after it carry the tokens)")  # fmt: skip
         for name in ("max_steps", "eval_batch_size", "save_total_limit"):
             value = getattr(self, name)
             _check(value is None or (_is_int(value) and value >= 1), name, value, "a positive int or None")

@@ -145,6 +145,7 @@ def load_extension_hosts(
         host.config.explanation_head = "extension"
         # the shared extension reads the same block of every host
         host.config.explanation_extension_input_layer = model.config.explanation_extension_input_layer
+        host.config.explanation_extension_route = model.config.explanation_extension_route
         host.explainer = model.explainer  # shared: the host's loss trains the one extension
         host.to(device).eval()
         examples = _Examples(dataset, transform, {image_column: "image", label_column: "label"})

@@ -93,6 +93,7 @@ def _load_model(config: TrainingConfig, names: Sequence[str]) -> ViTForSelfExpla
         if config.explanation_head == "extension":
             head["explanation_extension_layers"] = config.explanation_extension_layers
             head["explanation_extension_input_layer"] = config.explanation_extension_input_layer
+            head["explanation_extension_route"] = config.explanation_extension_route
     new_extension = config.explanation_head == "extension" and (
         getattr(base_config, "explanation_head", "shared") != "extension"
     )

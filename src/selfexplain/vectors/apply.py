@@ -166,7 +166,10 @@ def apply_explanation_vector(
         adds_extension = bool(layers) and model_config.get("explanation_head") != "extension"
         if layers and not adds_extension:
             _require_same_extension_input(
-                source, model_config.get("explanation_extension_input_layer"), config
+                source,
+                model_config.get("explanation_extension_input_layer"),
+                model_config.get("explanation_extension_route", "classifier"),
+                config,
             )
         if change is not None:
             shapes = resized_shapes(shapes, change[1])
@@ -176,7 +179,10 @@ def apply_explanation_vector(
         adds_extension = bool(layers) and getattr(model, "explainer", None) is None
         if layers and not adds_extension:
             _require_same_extension_input(
-                type(model).__name__, getattr(model.config, "explanation_extension_input_layer", None), config
+                type(model).__name__,
+                getattr(model.config, "explanation_extension_input_layer", None),
+                getattr(model.config, "explanation_extension_route", "classifier"),
+                config,
             )
         change = grid_change(config.architecture, model.config) if resize_position_embeddings else None
         if change is not None:
@@ -196,6 +202,7 @@ def apply_explanation_vector(
                 "explanation_head": "extension",
                 "explanation_extension_layers": layers,
                 "explanation_extension_input_layer": config.extension_input_layer,
+                "explanation_extension_route": config.extension_route,
             }
             if adds_extension
             else {}
@@ -231,7 +238,7 @@ def apply_explanation_vector(
     elif inplace and isinstance(model, ViTForSelfExplainingClassification):
         target = model
         if adds_extension:
-            _add_zero_extension(target, layers, config.extension_input_layer)
+            _add_zero_extension(target, layers, config.extension_input_layer, config.extension_route)
         try:
             name_map = _validate(target, config, shapes, change)
             tensors = _named_tensors(target)
@@ -242,7 +249,7 @@ def apply_explanation_vector(
             raise
     else:
         target = _new_self_explaining_model(
-            model, layers if adds_extension else 0, config.extension_input_layer
+            model, layers if adds_extension else 0, config.extension_input_layer, config.extension_route
         )
         name_map = _validate(target, config, shapes, change)
         _stream_into(_named_tensors(target), name_map, deltas, scale_of)
@@ -634,13 +641,19 @@ def _zero_extension(model: ViTForSelfExplainingClassification) -> None:
 
 
 def _require_same_extension_input(
-    source: str, model_layer: int | None, config: ExplanationVectorConfig
+    source: str, model_layer: int | None, model_route: str, config: ExplanationVectorConfig
 ) -> None:
-    """A model that already has an extension must read the tokens the vector's extension was trained on."""
+    """A model that already has an extension must read the tokens the vector's extension was trained on, and
+    send its tokens where the vector's extension was trained to send them."""
     if model_layer != config.extension_input_layer:
         raise IncompatibleExplanationVectorError(
             f"{source}'s explanation extension reads {_extension_input(model_layer)}, the vector's reads "
             f"{_extension_input(config.extension_input_layer)}: the vector's extension would run on other tokens."
+        )
+    if model_route != config.extension_route:
+        raise IncompatibleExplanationVectorError(
+            f"{source}'s explanation extension sends its tokens to the {model_route}, the vector's to the "
+            f"{config.extension_route} (`explanation_extension_route`): the vector's tokens would be read wrong."
         )
 
 
@@ -649,12 +662,16 @@ def _extension_input(layer: int | None) -> str:
 
 
 def _add_zero_extension(
-    model: ViTForSelfExplainingClassification, layers: int, input_layer: int | None = None
+    model: ViTForSelfExplainingClassification,
+    layers: int,
+    input_layer: int | None = None,
+    route: str = "classifier",
 ) -> None:
     """Give a loaded self-explaining model an all-zero (identity) extension of `layers` blocks, in place."""
     model.config.explanation_head = "extension"
     model.config.explanation_extension_layers = layers
     model.config.explanation_extension_input_layer = input_layer
+    model.config.explanation_extension_route = route
     reference = model.classifier.weight
     model.explainer = ViTExplanationExtension(model.config).to(device=reference.device, dtype=reference.dtype)
     model.explainer.train(model.training)
@@ -665,10 +682,14 @@ def _remove_extension(model: ViTForSelfExplainingClassification) -> None:
     model.explainer = None
     model.config.explanation_head = "shared"
     model.config.explanation_extension_input_layer = None
+    model.config.explanation_extension_route = "classifier"
 
 
 def _new_self_explaining_model(
-    model: PreTrainedModel, extension_layers: int = 0, extension_input_layer: int | None = None
+    model: PreTrainedModel,
+    extension_layers: int = 0,
+    extension_input_layer: int | None = None,
+    extension_route: str = "classifier",
 ) -> ViTForSelfExplainingClassification:
     """A `ViTForSelfExplainingClassification` holding copies of `model`'s tensors (the input is never written),
     with an all-zero explanation extension of `extension_layers` blocks added when that is > 0."""
@@ -678,6 +699,7 @@ def _new_self_explaining_model(
         config.explanation_head = "extension"
         config.explanation_extension_layers = extension_layers
         config.explanation_extension_input_layer = extension_input_layer
+        config.explanation_extension_route = extension_route
     # Build on the meta device: no memory is allocated for weights that are replaced right away.
     with torch.device("meta"):
         new = ViTForSelfExplainingClassification(config)

@@ -27,10 +27,11 @@ VECTOR_CONFIG_NAME = "explanation_vector_config.json"
 #: The newest format this library reads. 1: dense tensors. 2: tensors may be sparse or low-rank (`compression`).
 #: 3: the vector may carry an explanation extension (`explainer.blocks.N.*` tensors, see
 #: `ViTExplanationExtension`). 4: the extension reads an inner block's output (`extension_input_layer`): a reader
-#: that ignored the field would run it on the wrong tokens. Each vector is written in the oldest format that holds
+#: that ignored the field would run it on the wrong tokens. 5: the extension's tokens go through the model's own later
+#: blocks (`extension_route="backbone"`): a reader that ignored the field would score them unprocessed. Each vector is written in the oldest format that holds
 #: it, so that older selfexplain versions keep reading what they can apply, and refuse the rest with "upgrade
 #: selfexplain".
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 #: The format of a vector whose tensors are all dense.
 DENSE_FORMAT_VERSION = 1
 #: The format of a compressed vector (without an extension).
@@ -39,6 +40,11 @@ COMPRESSED_FORMAT_VERSION = 2
 EXTENSION_FORMAT_VERSION = 3
 #: The format of a vector whose explanation extension reads an inner block (`extension_input_layer`).
 INNER_EXTENSION_FORMAT_VERSION = 4
+#: The format of a vector whose explanation extension's tokens go through the model's later blocks.
+ROUTED_EXTENSION_FORMAT_VERSION = 5
+#: `extension_route` values: the extension's tokens are scored by the classifier directly (what formats < 5 mean),
+#: or pass through the model's own blocks after `extension_input_layer` first.
+EXTENSION_ROUTES: tuple[str, ...] = ("classifier", "backbone")
 #: Config attribute in which selfexplain records the base a model was fine-tuned from.
 BASE_MODEL_ATTRIBUTE = "selfexplain_base_model"
 
@@ -71,12 +77,17 @@ class ExplanationVectorConfig:
     #: Which tokens the vector's explanation extension reads (`explanation_extension_input_layer` of the model it
     #: came from): None, the final normed sequence; k, the output of block k (0: the embeddings).
     extension_input_layer: int | None = None
+    #: Where the extension's tokens go (`explanation_extension_route` of the model it came from): "classifier"
+    #: (scored directly) or "backbone" (through the model's own blocks after `extension_input_layer` first).
+    extension_route: str = "classifier"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for optional in ("compression", "extension_input_layer"):  # absent: what older formats wrote
             if data[optional] is None:
                 del data[optional]
+        if data["extension_route"] == "classifier":  # absent: what formats < 5 mean
+            del data["extension_route"]
         return data
 
     @classmethod
@@ -109,6 +120,7 @@ class ExplanationVectorConfig:
             "provenance": (dict,),
             "compression": (dict, type(None)),
             "extension_input_layer": (int, type(None)),
+            "extension_route": (str,),
         }
         kwargs: dict[str, Any] = {"format_version": version}
         for name, types in expected.items():
@@ -157,6 +169,23 @@ class ExplanationVectorConfig:
                 raise InvalidExplanationVectorError(
                     f"{source}: `extension_input_layer` is set but the vector carries no explanation extension."
                 )
+        route = kwargs.get("extension_route", "classifier")
+        if route not in EXTENSION_ROUTES:
+            raise InvalidExplanationVectorError(
+                f"{source}: `extension_route` must be one of {EXTENSION_ROUTES}, got {route!r:.80}."
+            )
+        if route == "backbone":
+            if version < ROUTED_EXTENSION_FORMAT_VERSION:
+                raise InvalidExplanationVectorError(
+                    f'{source}: `extension_route` "backbone" needs format_version '
+                    f"{ROUTED_EXTENSION_FORMAT_VERSION} (the config says {version})."
+                )
+            depth = kwargs["architecture"].get("num_hidden_layers")
+            if layer is None or (isinstance(depth, int) and layer >= depth):
+                raise InvalidExplanationVectorError(
+                    f'{source}: `extension_route` "backbone" needs an `extension_input_layer` below the last '
+                    f"block (the blocks after it carry the tokens), got {layer!r}."
+                )
         storage_dtype = kwargs.get("storage_dtype", "float32")
         for key, spec in kwargs["tensors"].items():
             shape = spec.get("shape") if isinstance(spec, dict) else None
@@ -195,9 +224,14 @@ def extension_layers(keys: Iterable[str]) -> int:
 
 
 def format_version_for(
-    keys: Iterable[str], compressed: bool, extension_input_layer: int | None = None
+    keys: Iterable[str],
+    compressed: bool,
+    extension_input_layer: int | None = None,
+    extension_route: str = "classifier",
 ) -> int:
     """The oldest format that holds a vector with these tensor keys (compressed or not)."""
     if extension_layers(keys):
+        if extension_route != "classifier":
+            return ROUTED_EXTENSION_FORMAT_VERSION
         return EXTENSION_FORMAT_VERSION if extension_input_layer is None else INNER_EXTENSION_FORMAT_VERSION
     return COMPRESSED_FORMAT_VERSION if compressed else DENSE_FORMAT_VERSION

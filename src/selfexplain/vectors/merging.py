@@ -152,6 +152,10 @@ def check_mergeable(
                 f"{name}: extension_input_layer {config.extension_input_layer!r}, "
                 f"{names[0]}: {first.extension_input_layer!r}"
             )
+        if config.extension_route != first.extension_route:  # their extensions' tokens go elsewhere
+            problems.append(
+                f"{name}: extension_route {config.extension_route!r}, {names[0]}: {first.extension_route!r}"
+            )
         for attribute in ("base_model", "base_model_revision"):
             mine, other = getattr(first, attribute), getattr(config, attribute)
             if mine is not None and other is not None and mine != other:

@@ -144,6 +144,11 @@ class ExplanationVector:
                 if extension_layers(tensors)
                 else None
             ),
+            extension_route=(
+                getattr(self_explaining.config, "explanation_extension_route", "classifier")
+                if extension_layers(tensors)
+                else "classifier"
+            ),
         )
         return cls(tensors, config)
 
@@ -268,6 +273,7 @@ class ExplanationVector:
             storage_dtype=storage.pop() if len(storage) == 1 else "float32",
             provenance={"merge": record},
             extension_input_layer=first.extension_input_layer,  # the same for all: `check_mergeable`
+            extension_route=first.extension_route,
         )
         return cls(merged, config)
 
@@ -279,6 +285,7 @@ class ExplanationVector:
             self.config.architecture != other.config.architecture
             or set(self.tensors) != set(other.tensors)
             or self.config.extension_input_layer != other.config.extension_input_layer
+            or self.config.extension_route != other.config.extension_route
         ):
             raise ValueError(
                 "Explanation vectors can only be combined when they cover the same architecture and keys."
@@ -373,7 +380,9 @@ class ExplanationVector:
             config.storage_dtype = _dtype_name(storage_dtype)
         dtype = STORAGE_DTYPES[config.storage_dtype]
         if compression is None:
-            config.format_version = format_version_for(self.tensors, False, config.extension_input_layer)
+            config.format_version = format_version_for(
+                self.tensors, False, config.extension_input_layer, config.extension_route
+            )
             config.compression = None
             config.tensors = {
                 k: {"shape": list(v.shape), "dtype": config.storage_dtype}
@@ -383,7 +392,9 @@ class ExplanationVector:
         else:
             settings = VectorCompression.parse(compression)
             tensors, config.tensors = encode_tensors(self.tensors, settings, dtype)
-            config.format_version = format_version_for(self.tensors, True, config.extension_input_layer)
+            config.format_version = format_version_for(
+                self.tensors, True, config.extension_input_layer, config.extension_route
+            )
             config.compression = settings.to_dict()
         # Only now, with every setting checked and the tensors encoded: a refused save leaves no folder behind.
         save_directory.mkdir(parents=True, exist_ok=True)
