@@ -1,6 +1,7 @@
 """What limits the in-domain fidelity of the explanation extension, and what carries over to another classifier?
-Training budget, capacity, learning rate, the supervision (amortised objective vs Kernel SHAP targets) and the
-game it fits (the source head's probabilities vs the backbone's representation), per CPU-minute.
+Training budget, capacity, learning rate, the supervision (amortised objective vs Kernel SHAP targets), the
+game it fits (the source head's probabilities vs the backbone's representation), which block it reads and where its
+tokens go (straight to the classifier, or through the classifier's own later blocks), per CPU-minute.
 
 Built on a finished `extension_last_block` suite (`selfexplain experiment --config extension_last_block`: the
 explanation extension on the final tokens with fresh coalitions every epoch, the `full` suite's former recipe, which

@@ -77,7 +77,20 @@ print(json.dumps({
 """
 
 
-@pytest.fixture(scope="module", params=["shared", "extension"])
+#: The heads the old release must run: the shared head, an extension on the final tokens, and an extension on
+#: block 1 whose tokens go through the later blocks (which the modeling file runs from the blocks' own modules).
+HEADS = {
+    "shared": {"explanation_head": "shared"},
+    "extension": {"explanation_head": "extension"},
+    "routed": {
+        "explanation_head": "extension",
+        "explanation_extension_input_layer": 1,
+        "explanation_extension_route": "backbone",
+    },
+}
+
+
+@pytest.fixture(scope="module", params=list(HEADS))
 def applied(request, tmp_path_factory):
     """An applied model saved by the current transformers, the inputs, and the outputs it must give: with the
     shared head, and with an explanation extension that the vector adds (trained weights stand-in: random)."""
@@ -85,7 +98,7 @@ def applied(request, tmp_path_factory):
     target = tiny_classifier(
         seed=50, num_labels=5, id2label=labels, label2id={v: k for k, v in labels.items()}
     )
-    explaining = tiny_self_explaining(seed=51, num_labels=5, explanation_head=request.param)
+    explaining = tiny_self_explaining(seed=51, num_labels=5, **HEADS[request.param])
     if explaining.explainer is not None:  # its output projections start at zero: make it do something
         with torch.no_grad():
             for param in explaining.explainer.parameters():
