@@ -21,7 +21,8 @@ backwards (on the source classifier) says whether the loss is symmetric.
     python benchmarks/transfer_gap.py                       # writes docs/results/transfer_gap.md (+ .json)
     python benchmarks/transfer_gap.py --suites full extension_representation
 
-Per-seed results are cached under `outputs/transfer_gap/` (a rerun only renders); Kernel SHAP values go to the
+Per-seed results are cached under `outputs/transfer_gap/` (a rerun with the same models only renders; the record
+names the weight files it read by hash, and a retrained suite is recomputed); Kernel SHAP values go to the
 suite's cache. Each new reference (the two off-diagonal cells) costs `reference_budget` evaluations on 48 images.
 """
 
@@ -61,11 +62,31 @@ def _require(path: Path, suite: str) -> Path:
     return path
 
 
+def _inputs(seed: int, suites: list[str]) -> dict[str, str]:
+    """SHA-256 of every weight file a seed's cells read: a cached record is reused only for the same models (a
+    suite retrained under the same name must not be reported from the record of its former models)."""
+    import hashlib
+
+    files = {}
+    for index, suite in enumerate(suites):
+        work = _experiment(suite).work / f"seed{seed}"
+        names = [f"{SOURCE}-vector", f"{TARGET}-self_explaining", f"{TARGET}-prediction_only"]
+        names += [f"{SOURCE}-prediction_only"] if index == 0 else []
+        for name in names:
+            for path in sorted(_require(work / name, suite).glob("*.safetensors")):
+                files[f"{suite}/{name}/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return files
+
+
 def run_seed(seed: int, suites: list[str], cache: Path) -> dict[str, Any]:
     """The 2×2 for one seed: {cell: {"rollout": scores, "<suite>/source": scores, "<suite>/oracle": scores}}."""
     record = cache / f"seed{seed}-{'+'.join(suites)}.json"
+    inputs = _inputs(seed, suites)
     if record.exists():
-        return json.loads(record.read_text())
+        cached = json.loads(record.read_text())
+        if cached.pop("inputs", None) == inputs:
+            return cached
+        print(f"{record}: its models changed since it was written; recomputing", file=sys.stderr)
     import torch
 
     from selfexplain import ExplanationVector, apply_explanation_vector
@@ -117,7 +138,7 @@ def run_seed(seed: int, suites: list[str], cache: Path) -> dict[str, Any]:
             entry[name] = score(main.patch_map(patched, x, classes, grid))
         out[cell] = entry
     cache.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(out, indent=1) + "\n")
+    record.write_text(json.dumps({**out, "inputs": inputs}, indent=1) + "\n")
     return out
 
 
