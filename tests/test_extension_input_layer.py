@@ -11,14 +11,18 @@ import torch
 
 from selfexplain import (
     ExplanationVector,
-    IncompatibleExplanationVectorError,
-    InvalidExplanationVectorError,
     ViTForSelfExplainingClassification,
     apply_explanation_vector,
 )
 from selfexplain.training import TrainingConfig, train
 from selfexplain.vectors.config import VECTOR_CONFIG_NAME
-from tests._extension import colour_classifier, extension_config
+from tests._extension import (
+    assert_config_edits_refused,
+    assert_never_combined,
+    colour_classifier,
+    extension_config,
+    trained_vector,
+)
 from tests._tiny import pixels, tiny_classifier, tiny_self_explaining
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,47 +116,30 @@ def test_the_vector_records_the_block_and_the_target_reads_it(inner_extension, t
 
 
 def test_extensions_that_read_other_tokens_are_never_combined(inner_extension, tmp_path):
-    root = inner_extension
-    pred = ViTForSelfExplainingClassification.from_pretrained(root / "pred")
-    inner = ExplanationVector.from_models(
-        self_explaining=ViTForSelfExplainingClassification.from_pretrained(root / "se"), prediction_only=pred
-    )
-    final_reader = ViTForSelfExplainingClassification.from_pretrained(root / "se")
+    final_reader = ViTForSelfExplainingClassification.from_pretrained(inner_extension / "se")
     final_reader.config.explanation_extension_input_layer = None
-    final = ExplanationVector.from_models(self_explaining=final_reader, prediction_only=pred)
-    assert final.config.extension_input_layer is None
-    final.save_pretrained(tmp_path / "final")
-    assert json.loads((tmp_path / "final" / VECTOR_CONFIG_NAME).read_text())["format_version"] == 3
-    assert "extension_input_layer" not in json.loads((tmp_path / "final" / VECTOR_CONFIG_NAME).read_text())
-    with pytest.raises(ValueError, match="extension_input_layer"):
-        ExplanationVector.merge([inner, final], method="task_arithmetic")
-    with pytest.raises(ValueError, match="same architecture"):
-        inner + final
     # A model whose extension reads the final tokens does not take an extension trained on block 1's.
-    with pytest.raises(IncompatibleExplanationVectorError, match="block 1"):
-        apply_explanation_vector(final_reader, inner)
-    final_reader.save_pretrained(tmp_path / "final-model")
-    with pytest.raises(IncompatibleExplanationVectorError, match="block 1"):
-        apply_explanation_vector(str(tmp_path / "final-model"), inner)
+    saved = assert_never_combined(
+        trained_vector(inner_extension),
+        final_reader,
+        inner_extension,
+        tmp_path,
+        "extension_input_layer",
+        "block 1",
+    )
+    assert saved["format_version"] == 3 and "extension_input_layer" not in saved
 
 
 def test_a_vector_config_naming_a_block_is_checked(inner_extension, tmp_path):
-    root = inner_extension
-    vector = ExplanationVector.from_models(
-        self_explaining=ViTForSelfExplainingClassification.from_pretrained(root / "se"),
-        prediction_only=ViTForSelfExplainingClassification.from_pretrained(root / "pred"),
+    assert_config_edits_refused(
+        trained_vector(inner_extension),
+        tmp_path / "vec",
+        [
+            ({"format_version": 3}, "needs format_version 4"),
+            ({"extension_input_layer": 7}, "not a block"),
+            ({"extension_input_layer": "1"}, "must be int"),
+        ],
     )
-    vector.save_pretrained(tmp_path / "vec")
-    path = tmp_path / "vec" / VECTOR_CONFIG_NAME
-    good = json.loads(path.read_text())
-    for change, message in (
-        ({"format_version": 3}, "needs format_version 4"),
-        ({"extension_input_layer": 7}, "not a block"),
-        ({"extension_input_layer": "1"}, "must be int"),
-    ):
-        path.write_text(json.dumps({**good, **change}))
-        with pytest.raises(InvalidExplanationVectorError, match=message):
-            ExplanationVector.from_pretrained(tmp_path / "vec")
 
 
 def test_alpha_zero_of_an_inner_extension_is_not_the_unpatched_map_and_the_suite_sweeps_from_the_model(

@@ -11,14 +11,18 @@ import torch
 
 from selfexplain import (
     ExplanationVector,
-    IncompatibleExplanationVectorError,
-    InvalidExplanationVectorError,
     ViTForSelfExplainingClassification,
     apply_explanation_vector,
 )
 from selfexplain.training import TrainingConfig, train
 from selfexplain.vectors.config import VECTOR_CONFIG_NAME
-from tests._extension import colour_classifier, extension_config
+from tests._extension import (
+    assert_config_edits_refused,
+    assert_never_combined,
+    colour_classifier,
+    extension_config,
+    trained_vector,
+)
 from tests._tiny import pixels, tiny_classifier, tiny_self_explaining
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,43 +127,27 @@ def test_the_vector_records_the_route_and_every_way_of_applying_it_keeps_it(rout
 
 
 def test_extensions_with_other_routes_are_never_combined(routed_extension, tmp_path):
-    root = routed_extension
-    pred = ViTForSelfExplainingClassification.from_pretrained(root / "pred")
-    routed = ExplanationVector.from_models(
-        self_explaining=ViTForSelfExplainingClassification.from_pretrained(root / "se"), prediction_only=pred
+    direct = ViTForSelfExplainingClassification.from_pretrained(routed_extension / "se")
+    direct.config.explanation_extension_route = "classifier"
+    saved = assert_never_combined(
+        trained_vector(routed_extension),
+        direct,
+        routed_extension,
+        tmp_path,
+        "extension_route",
+        "explanation_extension_route",
     )
-    direct_model = ViTForSelfExplainingClassification.from_pretrained(root / "se")
-    direct_model.config.explanation_extension_route = "classifier"
-    direct = ExplanationVector.from_models(self_explaining=direct_model, prediction_only=pred)
-    direct.save_pretrained(tmp_path / "direct")
-    saved = json.loads((tmp_path / "direct" / VECTOR_CONFIG_NAME).read_text())
     assert saved["format_version"] == 4 and "extension_route" not in saved  # what older readers understand
-    with pytest.raises(ValueError, match="extension_route"):
-        ExplanationVector.merge([routed, direct], method="task_arithmetic")
-    with pytest.raises(ValueError, match="same architecture"):
-        routed + direct
-    with pytest.raises(IncompatibleExplanationVectorError, match="explanation_extension_route"):
-        apply_explanation_vector(direct_model, routed)
-    direct_model.save_pretrained(tmp_path / "direct-model")
-    with pytest.raises(IncompatibleExplanationVectorError, match="explanation_extension_route"):
-        apply_explanation_vector(str(tmp_path / "direct-model"), routed)
 
 
 def test_a_vector_config_naming_a_route_is_checked(routed_extension, tmp_path):
-    root = routed_extension
-    vector = ExplanationVector.from_models(
-        self_explaining=ViTForSelfExplainingClassification.from_pretrained(root / "se"),
-        prediction_only=ViTForSelfExplainingClassification.from_pretrained(root / "pred"),
+    assert_config_edits_refused(
+        trained_vector(routed_extension),
+        tmp_path / "vec",
+        [
+            ({"format_version": 4}, "needs format_version 5"),
+            ({"extension_route": "sideways"}, "must be one of"),
+            ({"extension_input_layer": 2}, "below the last block"),
+            ({"format_version": 6}, "upgrade selfexplain"),
+        ],
     )
-    vector.save_pretrained(tmp_path / "vec")
-    path = tmp_path / "vec" / VECTOR_CONFIG_NAME
-    good = json.loads(path.read_text())
-    for change, message in (
-        ({"format_version": 4}, "needs format_version 5"),
-        ({"extension_route": "sideways"}, "must be one of"),
-        ({"extension_input_layer": 2}, "below the last block"),
-        ({"format_version": 6}, "upgrade selfexplain"),
-    ):
-        path.write_text(json.dumps({**good, **change}))
-        with pytest.raises(InvalidExplanationVectorError, match=message):
-            ExplanationVector.from_pretrained(tmp_path / "vec")
