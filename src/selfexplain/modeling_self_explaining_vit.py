@@ -200,7 +200,10 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
     With `config.explanation_head = "extension"` the patch tokens first pass through a small
     `ViTExplanationExtension` (`explainer.*`, extra transformer blocks); the classifier still scores them, so a
     target's own label set is explained, and the logits never depend on the extension. A model without the
-    extension is the same as one whose extension weights are all zero.
+    extension is the same as one whose extension weights are all zero. An extension that reads an inner block
+    (`config.explanation_extension_input_layer = k`) can send its tokens through the model's own blocks after `k`
+    first (`config.explanation_extension_route = "backbone"`: query tokens that read the image's tokens in each
+    block and are read by none), so that a target's own later blocks and head turn them into its map.
 
     Example:
         ```python
