@@ -396,3 +396,29 @@ print(json.dumps(out))
     assert out["accuracy"] == {"accuracy": 0.5}
     assert out["quality"] == {"pointing_game": 1.0, "relevance_mass": pytest.approx(2 / 3)}
     assert out["helper"]["spearman"] == pytest.approx(-1.0)
+
+
+def test_the_crossover_names_b_star_and_how_close_the_smaller_budgets_come():
+    """B* is the smallest budget whose Pearson reaches the map's; beside it the best Pearson of a smaller budget, so
+    that a non-monotone curve (Kernel SHAP dips near 2n evaluations) cannot make B* look larger than it is."""
+    from selfexplain.experiments.report import crossover
+
+    curve = {"64": {"pearson": 0.469}, "128": {"pearson": 0.187}, "256": {"pearson": 0.694}}
+    results = {
+        "per_seed": {
+            "0": {
+                "digits": {
+                    "kernel_shap": curve,
+                    "transfer": {
+                        "mnist": {"recommended_alpha": 1.0, "sweep": {"1": {"pearson": 0.475}}},
+                        "union": {"recommended_alpha": 1.0, "sweep": {"1": {"pearson": 0.9}}},
+                        "faces": {"recommended_alpha": 1.0, "sweep": {"1": {"pearson": 0.1}}},
+                    },
+                }
+            }
+        }
+    }
+    rows = {row["source"]: row for row in crossover(results)}
+    assert rows["mnist"]["budget"] == 256 and rows["mnist"]["closest_below"] == (64, 0.469)
+    assert rows["union"]["budget"] is None and rows["union"]["closest_below"] == (256, 0.694)
+    assert rows["faces"]["budget"] == 64 and rows["faces"]["closest_below"] is None
