@@ -456,15 +456,13 @@ class ViTForSelfExplainingClassification(ViTPreTrainedModel):
         are the logits. A query equal to patch token `j` therefore stays equal to it through every block: the
         zero extension's map is exactly the model's own (shared-head) map.
         """
-        layers = (
-            self.vit.layers if hasattr(self.vit, "layers") else self.vit.encoder.layer
-        )  # transformers 5 / 4
+        # transformers 5 names the blocks `vit.layers`, 4 `vit.encoder.layer`.
+        layers = self.vit.layers if hasattr(self.vit, "layers") else self.vit.encoder.layer
         heads = self.config.num_attention_heads
         batch, length, hidden = queries.shape
 
-        def split(
-            x: torch.Tensor,
-        ) -> torch.Tensor:  # (batch, tokens, hidden) -> (batch, heads, tokens, head_dim)
+        def split(x: torch.Tensor) -> torch.Tensor:
+            """(batch, tokens, hidden) -> (batch, heads, tokens, head_dim)"""
             return x.view(batch, x.shape[1], heads, -1).transpose(1, 2)
 
         for index, layer in enumerate(layers[first:], start=first):
