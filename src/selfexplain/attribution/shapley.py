@@ -49,6 +49,8 @@ ValueKind = Literal["probs", "logits"]
 VALUE_KINDS: tuple[str, ...] = ("probs", "logits")
 SamplerKind = Literal["kernel", "leverage"]
 SAMPLER_KINDS: tuple[str, ...] = ("kernel", "leverage")
+RidgeKind = Literal["none", "gcv"]
+RIDGE_KINDS: tuple[str, ...] = ("none", "gcv")
 
 #: Exact enumeration evaluates ``2**n`` masked images per image; beyond 16 players that is impractical.
 MAX_EXACT_PLAYERS = 16
@@ -149,6 +151,7 @@ def kernel_shap_values(
     removal: RemovalKind = "baseline",
     sampler: SamplerKind = "kernel",
     control_variate: bool = False,
+    ridge: RidgeKind = "none",
 ) -> torch.Tensor:
     """Kernel SHAP estimates of the Shapley values of the grid cells, for every image and class at once.
 
@@ -207,6 +210,12 @@ def kernel_shap_values(
             evaluations and use it as a control variate (see :mod:`selfexplain.attribution.control_variate`):
             no extra model evaluation; smaller errors only where the logits are much closer to additive than
             the probabilities (not on the MNIST ViT of the benchmarks). Exact at full budget and efficient.
+        ridge: ``"none"`` (the default: the plain least-squares fit) or ``"gcv"``: a ridge penalty towards the
+            equal split, its strength chosen per image and class by generalised cross-validation (see
+            :mod:`selfexplain.attribution.ridge`). It removes the error peak of the plain fit near ``2n``
+            evaluations (``n`` players: at 64 players, 128 evaluations do worse than 64 without it) and
+            leaves large budgets essentially unchanged; still efficient, and exact when every coalition is
+            evaluated. Not with ``control_variate``.
 
     Returns:
         ``(B, num_classes, grid_h, grid_w)`` float32 attributions on ``pixel_values``' device. For each
@@ -225,21 +234,30 @@ def kernel_shap_values(
     if not isinstance(paired, bool):
         raise TypeError(f"paired must be a bool, got {type(paired).__name__}.")
     check_removal(removal, model, pixel_values, grid)
-    _check_estimator(sampler, control_variate, value)
+    _check_estimator(sampler, control_variate, value, ridge)
     generators = _image_generators(seed, pixel_values.shape[0])
     num_players = grid[0] * grid[1]
 
     # Imported here: both modules build on this one's helpers.
     from .control_variate import control_variate_fit
     from .leverage import leverage_design
+    from .ridge import solve_ridge_gcv
 
     design = leverage_design if sampler == "leverage" else _kernel_shap_design
     coalitions, weights = design(num_players, budget, paired, generators)
     values = _coalition_values(
         model, pixel_values, coalitions, grid, baseline, batch_size, value, progress, removal
     )  # (B, M, num_classes) float64; rows 0 and 1 are the empty and full coalitions
+    complete = (
+        coalitions.shape[1] >= 2**num_players
+    )  # every coalition evaluated: the exact values, no penalty
     if control_variate:
         phi = control_variate_fit(coalitions, weights, values, generators)
+    elif ridge == "gcv" and not complete and num_players > 1 and coalitions.shape[1] > 2:
+        phi, _ = solve_ridge_gcv(
+            coalitions[:, 2:].to(torch.float64), weights, values[:, 2:], values[:, 0], values[:, 1],
+            _sum_zero_basis(num_players),
+        )  # fmt: skip
     else:
         phi = _solve_constrained_wls(
             coalitions[:, 2:].to(torch.float64), weights, values[:, 2:], values[:, 0], values[:, 1]
@@ -278,9 +296,15 @@ def _check_inputs(
     return int(grid[0]), int(grid[1])
 
 
-def _check_estimator(sampler: str, control_variate: bool, value: str) -> None:
+def _check_estimator(sampler: str, control_variate: bool, value: str, ridge: str = "none") -> None:
     if sampler not in SAMPLER_KINDS:
         raise ValueError(f"sampler must be one of {SAMPLER_KINDS}, got {sampler!r}.")
+    if ridge not in RIDGE_KINDS:
+        raise ValueError(f"ridge must be one of {RIDGE_KINDS}, got {ridge!r}.")
+    if ridge != "none" and control_variate:
+        raise ValueError(
+            "ridge and control_variate cannot be combined (the control variate has its own fit)."
+        )
     if not isinstance(control_variate, bool):
         raise TypeError(f"control_variate must be a bool, got {type(control_variate).__name__}.")
     if control_variate and value != "probs":
