@@ -164,7 +164,27 @@ def test_kernel_shap_values_are_cached_by_what_they_depend_on(tmp_path):
     ):
         assert not torch.equal(changed(), marker)
     assert len(list(cache.glob("*.safetensors"))) == 5
+    # … and so is the design: a suite on Leverage SHAP's computes its own values, with that design.
+    from dataclasses import replace
+
+    from selfexplain.attribution.shapley import kernel_shap_values
+
+    leverage = Experiment(replace(config, kernel_shap_sampler="leverage"), log=lambda message: None)
+    values = leverage.kernel_shap(model, x, 32, seed=0)
+    assert not torch.equal(values, marker)
+    expected = kernel_shap_values(
+        model, x, grid=(4, 4), budget=32, baseline="zero", seed=0, sampler="leverage"
+    )
+    assert torch.equal(values, expected)
+    assert len(list(cache.glob("*.safetensors"))) == 6
     assert not list(cache.glob("*.partial"))
+
+
+def test_an_unknown_kernel_shap_sampler_is_refused():
+    from selfexplain.experiments.experiment import ExperimentConfig
+
+    with pytest.raises(ValueError, match="kernel_shap_sampler must be one of"):
+        ExperimentConfig(name="x", sources=["mnist"], targets=["digits"], kernel_shap_sampler="shapiq")
 
 
 def test_a_finished_model_trained_with_other_settings_is_not_reused(tmp_path):

@@ -37,7 +37,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers import ViTForImageClassification
 
-from ..attribution import masking, model_call, shapley
+from ..attribution import leverage, masking, model_call, shapley
+from ..attribution import ridge as ridge_module
 from ..attribution.targets import add_explanation_targets
 from ..data import BUILTIN_DOMAINS, default_image_processor, load_builtin_domain
 from ..evaluation import explainers, metrics
@@ -117,6 +118,13 @@ class ExperimentConfig:
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 1.5, 2.0])
     agreement_threshold: float = 0.95
     reference_budget: int = 1024
+    # The Kernel SHAP design of the reference and the budget curve (`kernel_shap_values(sampler=...)`): "kernel",
+    # shap's (most evaluations on the smallest and largest coalitions), or "leverage", Leverage SHAP's (every size
+    # alike, without replacement): the smaller error at equal budget (docs/results/kernel_shap_equal_error.md).
+    kernel_shap_sampler: str = "kernel"
+    # "gcv": the fit with a ridge penalty chosen by generalised cross-validation (`kernel_shap_values(ridge=...)`),
+    # which removes the plain fit's error peak near 2 × the number of players evaluations; "none": the plain fit.
+    kernel_shap_ridge: str = "none"
     kernel_shap_budgets: list[int] = field(default_factory=lambda: [25, 50, 100, 150, 300, 600])
     crossover_seeds: list[int] | None = None
     oracle: bool = True
@@ -130,6 +138,14 @@ class ExperimentConfig:
     workers: int = 1
 
     def __post_init__(self) -> None:
+        if self.kernel_shap_sampler not in shapley.SAMPLER_KINDS:
+            raise ValueError(
+                f"kernel_shap_sampler must be one of {shapley.SAMPLER_KINDS}, got {self.kernel_shap_sampler!r}."
+            )
+        if self.kernel_shap_ridge not in shapley.RIDGE_KINDS:
+            raise ValueError(
+                f"kernel_shap_ridge must be one of {shapley.RIDGE_KINDS}, got {self.kernel_shap_ridge!r}."
+            )
         if self.extension_hosts and self.trainable != "extension":
             raise ValueError('extension_hosts need trainable "extension" (they train an extension only).')
         leaked = sorted(set(self.extension_hosts) & set(self.targets))
@@ -475,12 +491,14 @@ class Experiment:
         def compute() -> torch.Tensor:
             return shapley.kernel_shap_values(
                 model, images, grid=cfg.grid(), budget=budget, baseline=cfg.baseline, seed=seed,
-                batch_size=cfg.batch_size,
+                batch_size=cfg.batch_size, sampler=cfg.kernel_shap_sampler, ridge=cfg.kernel_shap_ridge,
             )  # fmt: skip
 
         folder = Path(cfg.kernel_shap_cache) if cfg.kernel_shap_cache else self.work / "kernel_shap_cache"
         path = (
-            folder / f"{kernel_shap_key(model, images, cfg.grid(), budget, cfg.baseline, seed)}.safetensors"
+            folder
+            / f"{kernel_shap_key(model, images, cfg.grid(), budget, cfg.baseline, seed, cfg.kernel_shap_sampler, cfg.kernel_shap_ridge)}"
+            ".safetensors"
         )
         if path.exists():
             return load_file(path)["values"]
@@ -772,11 +790,21 @@ class Experiment:
         return path
 
 
-def kernel_shap_key(model, images: torch.Tensor, grid, budget: int, baseline: str, seed: int) -> str:
+def kernel_shap_key(
+    model,
+    images: torch.Tensor,
+    grid,
+    budget: int,
+    baseline: str,
+    seed: int,
+    sampler: str = "kernel",
+    ridge: str = "none",
+) -> str:
     """A digest of everything Kernel SHAP values depend on: the weights the logits read (the explanation
     extension is left out: the class token never passes through it, so it cannot change a logit), the images, the
-    grid, budget, baseline and seed, and the source of the modules that compute them (an edit there, even one
-    that would not change a value, starts a new cache entry rather than risk a stale one)."""
+    grid, budget, baseline, seed, sampler and ridge, and the source of the modules that compute them (an edit there,
+    even one that would not change a value, starts a new cache entry rather than risk a stale one). With the default
+    sampler and no ridge the keys are those written before either was a setting."""
     digest = hashlib.sha256()
 
     def add(tensor: torch.Tensor) -> None:
@@ -790,7 +818,14 @@ def kernel_shap_key(model, images: torch.Tensor, grid, budget: int, baseline: st
             add(tensor)
     add(images)
     digest.update(json.dumps([type(model).__name__, list(grid), budget, str(baseline), seed]).encode())
-    for module in (shapley, masking, model_call):
+    modules = [shapley, masking, model_call]
+    if sampler != "kernel":
+        digest.update(json.dumps({"sampler": sampler}).encode())
+        modules.append(leverage)
+    if ridge != "none":
+        digest.update(json.dumps({"ridge": ridge}).encode())
+        modules.append(ridge_module)
+    for module in modules:
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:32]
 
