@@ -269,7 +269,10 @@ def test_a_run_with_a_coalition_pool_resumes_to_the_uninterrupted_weights(square
     resumed = train(config("run", resume=True), data, image_processor=processor)
     assert resumed["resumed_from"].endswith("checkpoint-00000008")
     full, run = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("full", "run"))
-    assert all(torch.equal(full[key], run[key]) for key in full)
+    # Equal up to float rounding: on some CPUs (MKL with AVX-512) a forward pass rounds differently at another batch
+    # size, and the resumed run values its pool in other batches (2.5e-6 after 3 epochs there; a step lost or
+    # repeated moves the weights by ~1e-3).
+    assert all(torch.allclose(full[key], run[key], rtol=0, atol=2e-5) for key in full)
 
 
 def test_a_run_stopped_by_max_steps_values_only_the_images_it_trains_on(squares_base, tmp_path):

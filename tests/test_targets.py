@@ -78,9 +78,10 @@ def test_targets_equal_a_direct_kernel_shap_call_and_do_not_depend_on_sharding(p
     expected = kernel_shap_values(model, pixel_values, grid=(4, 4), budget=40, seed=seeds).numpy()
     np.testing.assert_array_equal(column(out), expected)
 
-    # Another sharding, another batch size, no cache: the same values.
+    # Another sharding, another batch size, no cache: the same values, up to float rounding — on some CPUs (MKL
+    # with AVX-512) a forward pass rounds differently at another batch size (about 1e-7 here; values ~1e-3).
     in_memory = add_explanation_targets(dataset, model, num_shards=1, batch_size=7, **kwargs)
-    np.testing.assert_array_equal(column(in_memory), expected)
+    np.testing.assert_allclose(column(in_memory), expected, rtol=0, atol=1e-6)
     # The seed matters: a different run seed gives different samples.
     other = add_explanation_targets(dataset, model, cache_dir=tmp_path / "a", **{**kwargs, "seed": 4})
     assert not np.array_equal(column(other), expected)

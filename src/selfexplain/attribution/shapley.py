@@ -177,7 +177,8 @@ def kernel_shap_values(
     Seeding: the random coalitions of each image come from its own ``torch.Generator`` on the CPU. An int
     ``seed`` gives image ``i`` of the call the stream ``(seed, i)``; a sequence gives one seed per image
     (e.g. dataset indices), which makes an image's estimate independent of the call it was computed in.
-    Results never depend on ``batch_size`` or on the device.
+    The coalitions never depend on ``batch_size`` or on the device, so neither do the results, up to float
+    rounding (on some CPUs, e.g. MKL with AVX-512, a forward pass rounds differently at another batch size).
 
     Args:
         model: an image classifier, e.g. a ``ViTForImageClassification``; called as

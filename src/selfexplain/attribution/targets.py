@@ -14,7 +14,8 @@ split into shards that are cached on disk:
   seed. Killing the process and calling the function again recomputes only the shards that have no file;
   calling it again with nothing missing runs no forward pass at all;
 - every example draws its coalitions from its own seed, :func:`example_seed` ``(seed, index)``, so the values
-  do not depend on the number of shards, the batch size or the number of processes;
+  do not depend on the number of shards, the batch size or the number of processes (up to float rounding: on
+  some CPUs a forward pass rounds differently at another batch size);
 - under ``accelerate launch`` with ``N`` processes, process ``i`` computes the missing shards ``i, i + N, ...``
   and every process returns the assembled dataset once all shards exist.
 
