@@ -216,7 +216,9 @@ def kernel_shap_values(
             :mod:`selfexplain.attribution.ridge`). It removes the error peak of the plain fit near ``2n``
             evaluations (``n`` players: at 64 players, 128 evaluations do worse than 64 without it) and
             leaves large budgets essentially unchanged; still efficient, and exact when every coalition is
-            evaluated. Not with ``control_variate``.
+            evaluated. In between it shrinks the values' scale somewhat (a map's Pearson or ranking does not
+            see that; the values' L2 error does: ``docs/results/kernel_shap_equal_error.md``). Not with
+            ``control_variate``.
 
     Returns:
         ``(B, num_classes, grid_h, grid_w)`` float32 attributions on ``pixel_values``' device. For each
@@ -249,9 +251,8 @@ def kernel_shap_values(
     values = _coalition_values(
         model, pixel_values, coalitions, grid, baseline, batch_size, value, progress, removal
     )  # (B, M, num_classes) float64; rows 0 and 1 are the empty and full coalitions
-    complete = (
-        coalitions.shape[1] >= 2**num_players
-    )  # every coalition evaluated: the exact values, no penalty
+    # Every coalition evaluated: the exact values, so no penalty.
+    complete = coalitions.shape[1] >= 2**num_players
     if control_variate:
         phi = control_variate_fit(coalitions, weights, values, generators)
     elif ridge == "gcv" and not complete and num_players > 1 and coalitions.shape[1] > 2:
