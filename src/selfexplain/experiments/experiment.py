@@ -495,11 +495,17 @@ class Experiment:
             )  # fmt: skip
 
         folder = Path(cfg.kernel_shap_cache) if cfg.kernel_shap_cache else self.work / "kernel_shap_cache"
-        path = (
-            folder
-            / f"{kernel_shap_key(model, images, cfg.grid(), budget, cfg.baseline, seed, cfg.kernel_shap_sampler, cfg.kernel_shap_ridge)}"
-            ".safetensors"
+        key = kernel_shap_key(
+            model,
+            images,
+            cfg.grid(),
+            budget,
+            cfg.baseline,
+            seed,
+            cfg.kernel_shap_sampler,
+            cfg.kernel_shap_ridge,
         )
+        path = folder / f"{key}.safetensors"
         if path.exists():
             return load_file(path)["values"]
         values = compute()
