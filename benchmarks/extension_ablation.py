@@ -12,8 +12,13 @@ an extension on the same 2000 MNIST images with one change to the suite's recipe
 in-domain row: Pearson / Spearman / top-10 % with the reference (48 images), insertion and deletion AUC (500).
 
     python benchmarks/extension_ablation.py --seeds 0      # writes docs/results/extension_ablation.md (+ .json)
+    python benchmarks/extension_ablation.py --config full --seeds 0 1 2 --out docs/results/extension_ablation_full
 
-Models and references are cached under `outputs/extension_ablation/` (a rerun only scores); `--workers 2` trains
+`--config full` runs the same on a finished `full` suite (its classifiers, references and budget curves) with the
+variants of :data:`FULL_VARIANTS`, each one change to *that* suite's recipe.
+
+Models and references are cached under `outputs/extension_ablation/` (`outputs/extension_ablation_full/` with
+`--config full`; a rerun only scores); `--workers 2` trains
 two variants at a time (one thread each).
 """
 
@@ -33,7 +38,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "src" / "selfexplain" / "experiments" / "configs" / "extension_last_block.json"
+CONFIGS = ROOT / "src" / "selfexplain" / "experiments" / "configs"
+#: The suite the variants change (`--config`); set by `main` before anything reads it (also in worker processes,
+#: which receive the parsed arguments).
+CONFIG = CONFIGS / "extension_last_block.json"
 SOURCE = "mnist"
 TARGET = "digits"  # transfer is scored on the suite's related target
 
@@ -180,6 +188,31 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     ),
 }
 
+#: Variants of the `full` suite's recipe (`--config full`): two routed blocks reading block 1, pool 64, 30 epochs.
+#: Transfer loses most to the change of classifier (docs/results/transfer_gap.md): these change what the
+#: extension reads and how much it can express.
+FULL_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
+    "suite recipe": (
+        {},
+        "the `full` suite's model, reused: two routed blocks reading block 1, pool 64, 30 epochs",
+    ),
+    "3 blocks": ({"explanation_extension_layers": 3}, "capacity: a third extension block"),
+    "input block 0": (
+        {"explanation_extension_input_layer": 0},
+        "the extension reads the embeddings (the least-drifted layer between two fine-tunes) and every block of "
+        "the classifier carries its tokens",
+    ),
+}
+
+
+def _variants(config: str) -> dict[str, tuple[dict[str, Any], str]]:
+    return FULL_VARIANTS if config == "full" else VARIANTS
+
+
+def _use_config(args) -> None:
+    global CONFIG
+    CONFIG = CONFIGS / f"{args.config}.json"
+
 
 def _prepare(name: str, seed: int, args) -> Path:
     """A work folder for the variant whose θ0 and prediction-only model are the suite's (links)."""
@@ -188,7 +221,9 @@ def _prepare(name: str, seed: int, args) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     suite = Path(args.suite_work) / f"seed{seed}"
     links = ["base", f"{SOURCE}-prediction_only"]
-    links += [f"{host}-prediction_only" for host in VARIANTS[name][0].get("extension_hosts", [])]
+    links += [
+        f"{host}-prediction_only" for host in _variants(args.config)[name][0].get("extension_hosts", [])
+    ]
     if name == "suite recipe":
         links.append(f"{SOURCE}-self_explaining")
     for link in links:
@@ -203,12 +238,12 @@ def _slug(name: str) -> str:
     return name.lower().replace(" ", "-")
 
 
-def _experiment(name: str, out: Path):
+def _experiment(name: str, out: Path, variants: dict[str, tuple[dict[str, Any], str]] = VARIANTS):
     from selfexplain.experiments.experiment import Experiment, ExperimentConfig
 
     # Every variant is explicit about its game: all but the representation rows play the probability game.
     changes = (
-        VARIANTS[name][0] if name == "suite recipe" else {"explanation_game": "probs", **VARIANTS[name][0]}
+        variants[name][0] if name == "suite recipe" else {"explanation_game": "probs", **variants[name][0]}
     )
     config = ExperimentConfig.from_json_file(CONFIG, output_dir=str(out), report_dir=None, **changes)
     return Experiment(config, log=lambda message: None)
@@ -217,8 +252,9 @@ def _experiment(name: str, out: Path):
 def train_variant(name: str, seed: int, args) -> dict[str, Any]:
     """Train (or find) the variant's self-explaining model; its training CPU time, with targets if any."""
     torch.set_num_threads(1)
+    _use_config(args)
     out = _prepare(name, seed, args)
-    experiment = _experiment(name, out)
+    experiment = _experiment(name, out, _variants(args.config))
     cfg = experiment.config
     record = out / "work" / f"seed{seed}" / "train-time.json"
     if record.exists():
@@ -283,7 +319,7 @@ def score(name: str, seed: int, x, classes, ref, curve, args) -> dict[str, Any]:
     from selfexplain.experiments.experiment import budget_match
 
     out = Path(args.cache) / _slug(name)
-    experiment = _experiment(name, out)
+    experiment = _experiment(name, out, _variants(args.config))
     se = experiment.load(out / "work" / f"seed{seed}" / f"{SOURCE}-self_explaining")
     maps = experiment.patch_map(se, x, classes, experiment.config.grid())
     scored = experiment.score(se, x, maps, ref, None, classes)
@@ -333,13 +369,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--suite-work", default=str(ROOT / "outputs" / "extension_last_block" / "work"))
-    parser.add_argument("--cache", default=str(ROOT / "outputs" / "extension_ablation"))
+    parser.add_argument(
+        "--config", default="extension_last_block", choices=["extension_last_block", "full"],
+        help="the finished suite whose classifiers, references and recipe the variants change",
+    )  # fmt: skip
+    parser.add_argument("--suite-work", default=None, help="default: outputs/<config>/work")
+    parser.add_argument("--cache", default=None, help="default: outputs/extension_ablation (+ _<config>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=None, help="default: every variant of the config")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "extension_ablation"))
     args = parser.parse_args(argv)
+    variants = _variants(args.config)
+    if args.variants is None:
+        args.variants = list(variants)
+    unknown = [name for name in args.variants if name not in variants]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown} for --config {args.config}; choose from {list(variants)}")
+    args.suite_work = args.suite_work or str(ROOT / "outputs" / args.config / "work")
+    suffix = "" if args.config == "extension_last_block" else f"_{args.config}"
+    args.cache = args.cache or str(ROOT / "outputs" / f"extension_ablation{suffix}")
+    _use_config(args)
     torch.set_num_threads(1)
     started = time.perf_counter()
 
@@ -403,9 +453,16 @@ def write(rows: list[dict], args, wall: float) -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/extension_ablation.py --seeds " + " ".join(map(str, args.seeds))
-    if list(args.variants) != list(VARIANTS):  # a subset: the command names it, and where it wrote
+    variants = _variants(args.config)
+    command = "python benchmarks/extension_ablation.py"
+    command += f" --config {args.config}" if args.config != "extension_last_block" else ""
+    command += " --seeds " + " ".join(map(str, args.seeds))
+    if list(args.variants) != list(variants):  # a subset: the command names it, and where it wrote
         command += " --variants " + " ".join(f'"{name}"' for name in args.variants)
+        command += (
+            f" --out {Path(args.out).relative_to(ROOT) if Path(args.out).is_relative_to(ROOT) else args.out}"
+        )
+    elif Path(args.out) != ROOT / "docs" / "results" / "extension_ablation":
         command += (
             f" --out {Path(args.out).relative_to(ROOT) if Path(args.out).is_relative_to(ROOT) else args.out}"
         )
@@ -413,7 +470,7 @@ def write(rows: list[dict], args, wall: float) -> None:
     lines = [
         "# Explanation extension: what limits its in-domain fidelity (MNIST), and what it does to transfer",
         "",
-        f"Produced by `{command}` on top of `selfexplain experiment --config extension_last_block`; this invocation's wall "
+        f"Produced by `{command}` on top of `selfexplain experiment --config {args.config}`; this invocation's wall "
         f"time {wall / 60:.1f} min on {_environment(args.workers)['machine']} (variants already trained are read "
         "back: their training CPU time below is the one recorded when they were trained). Every variant trains an extension "
         '(`trainable="extension"`) on the suite\'s frozen prediction-only MNIST classifier (so every variant predicts '
@@ -442,7 +499,7 @@ def write(rows: list[dict], args, wall: float) -> None:
             for b in (r["budget_match"] for r in mine)
         )
         lines.append(
-            f"| {name} | {VARIANTS[name][1]} | {len(mine)} | {cpu_text} | {stat('pearson')} | {stat('spearman')} | "
+            f"| {name} | {variants[name][1]} | {len(mine)} | {cpu_text} | {stat('pearson')} | {stat('spearman')} | "
             f"{stat('top10_overlap')} | {stat('insertion')} | {stat('deletion')} | {bstar} | "
             f"{stat('transfer_pearson')} | {stat('transfer_margin')} |"
         )
