@@ -28,6 +28,64 @@ from transformers import ViTConfig, ViTForImageClassification
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # --------------------------------------------------------------------------------------------------------
+# Device: every section runs its models and tensors where `run_all.py --device` says (default: the CPU)
+# --------------------------------------------------------------------------------------------------------
+
+_DEVICE = torch.device("cpu")
+
+
+def set_device(name: str | torch.device) -> torch.device:
+    """Run every section on ``name`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``); refuses a device this torch lacks.
+
+    ``run_all.py --device`` calls it once, before any section runs. Sections never hold a device of their own:
+    they ask :func:`device` (models, images, masks) and time through :func:`interleaved_times` /
+    :func:`time_once`, which wait for the device after every timed call (a CUDA call returns before its
+    kernels finish, so an unsynchronised timer would measure the launch, not the work).
+    """
+    global _DEVICE
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {name}: this torch ({torch.__version__}) sees no CUDA device "
+                f"({'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); install a CUDA build "
+                "of torch on a machine with a GPU, or run on the CPU."
+            )
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible.")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: the benchmarks run on 'cpu' or 'cuda[:N]'.")
+    _DEVICE = device
+    return device
+
+
+def device() -> torch.device:
+    """The device the sections run on (see :func:`set_device`)."""
+    return _DEVICE
+
+
+def device_description() -> str:
+    """``"cpu"`` or ``"cuda:0 (NVIDIA H200, 139.8 GiB)"``: what the report names."""
+    if _DEVICE.type != "cuda":
+        return str(_DEVICE)
+    properties = torch.cuda.get_device_properties(_DEVICE)
+    return f"{_DEVICE} ({properties.name}, {properties.total_memory / 2**30:.1f} GiB)"
+
+
+def synchronize() -> None:
+    """Wait until the device has finished the work queued so far (a no-op on the CPU)."""
+    if _DEVICE.type == "cuda":
+        torch.cuda.synchronize(_DEVICE)
+
+
+def on_device(module_or_tensor):
+    """``x.to(device())``: a model, or a tensor made on the CPU (images, masks, baselines)."""
+    return module_or_tensor.to(_DEVICE)
+
+
+# --------------------------------------------------------------------------------------------------------
 # Model configurations (random weights: speed does not depend on what the weights learned)
 # --------------------------------------------------------------------------------------------------------
 
@@ -95,9 +153,10 @@ def describe(settings: Mapping[str, int]) -> str:
 def build_classifier(
     settings: Mapping[str, int], num_labels: int, seed: int = 0
 ) -> ViTForImageClassification:
-    """A randomly initialised ``ViTForImageClassification`` in eval mode (deterministic for ``seed``)."""
+    """A randomly initialised ``ViTForImageClassification`` in eval mode on :func:`device` (deterministic for
+    ``seed``: initialised on the CPU, then moved)."""
     torch.manual_seed(seed)
-    return ViTForImageClassification(vit_config(settings, num_labels)).eval()
+    return on_device(ViTForImageClassification(vit_config(settings, num_labels)).eval())
 
 
 def num_parameters(model: nn.Module) -> int:
@@ -118,7 +177,8 @@ class LogitsModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         self.evaluations += pixel_values.shape[0]
-        return self.model(pixel_values=pixel_values).logits
+        # Peers that work in numpy hand over CPU tensors: the model runs where it lives.
+        return self.model(pixel_values=pixel_values.to(next(self.model.parameters()).device)).logits
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -129,7 +189,7 @@ _PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "
 
 
 def sample_images(num_images: int, size: int, seed: int = 0) -> torch.Tensor:
-    """``(num_images, 3, size, size)`` random square crops of real photos, scaled to ``[-1, 1]``.
+    """``(num_images, 3, size, size)`` random square crops of real photos, scaled to ``[-1, 1]``, on :func:`device`.
 
     Real photos rather than noise: masked-image explainers and insertion/deletion see realistic
     colour statistics, and the "mean" baseline is a real mean colour.
@@ -149,7 +209,7 @@ def sample_images(num_images: int, size: int, seed: int = 0) -> torch.Tensor:
         crops.append(
             torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
         )
-    return torch.cat(crops) * 2.0 - 1.0
+    return on_device(torch.cat(crops) * 2.0 - 1.0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -177,6 +237,7 @@ def interleaved_times(
     for _ in range(warmup):
         for name in names:
             functions[name]()
+    synchronize()
     times: dict[str, list[float]] = {name: [] for name in names}
     if cpu_times is not None:
         cpu_times.update({name: [] for name in names})
@@ -186,6 +247,7 @@ def interleaved_times(
             for _ in range(inner.get(name, 1)):
                 start, cpu_start = time.perf_counter(), time.process_time()
                 functions[name]()
+                synchronize()
                 times[name].append(time.perf_counter() - start)
                 if cpu_times is not None:
                     cpu_times[name].append(time.process_time() - cpu_start)
@@ -207,8 +269,10 @@ def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> fl
 
 
 def time_once(function: Callable[[], object]) -> tuple[float, Any]:
+    synchronize()
     start = time.perf_counter()
     result = function()
+    synchronize()
     return time.perf_counter() - start, result
 
 

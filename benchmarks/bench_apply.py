@@ -5,6 +5,11 @@ the resident-set high-water mark belongs to that operation alone: after the impo
 modes, after loading the model and the vector) the worker resets the kernel's peak-RSS counter (``VmHWM``, by
 writing 5 to ``/proc/self/clear_refs``), runs the operation, and reports the new peak minus the RSS at the
 reset. Models and vectors (random weights) are written once to a temporary folder as safetensors.
+
+With ``run_all.py --device cuda`` the workers get ``--device cuda:N``: the operation then produces a model in
+device memory (see ``_operation``), the timer waits for the device, and the worker also reports the peak of
+device memory allocated during the call (``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats``, minus what was allocated before it). On the CPU nothing changes.
 """
 
 from __future__ import annotations
@@ -28,9 +33,13 @@ from _common import (
     SectionResult,
     Table,
     describe,
+    device,
+    device_description,
     fmt_bytes,
     fmt_seconds,
     median,
+    set_device,
+    synchronize,
 )
 
 WORKER_MODES = {
@@ -40,6 +49,20 @@ WORKER_MODES = {
     "ours-loaded-inplace": "ours: `apply_explanation_vector(self_explaining, vector, inplace=True)` (loaded)",
     "naive-loaded": "naive: `state_dict()` + vector, added into a new dict, `load_state_dict` into a new model",
     "load-only": "load only: `ViTForSelfExplainingClassification.from_pretrained` + `ExplanationVector.from_pretrained`",
+}
+#: What the modes do on a GPU (``--device cuda``): the same operations, with the result in device memory.
+CUDA_WORKER_MODES = {
+    "ours-disk": "ours: `apply_explanation_vector(model_dir, vector_dir, device_map=DEVICE)` (loads both, "
+    "returns the model on the device)",
+    "naive-disk": "naive: `load_file(..., device=DEVICE)` both state dicts, add, `load_state_dict` into a new model",
+    "ours-loaded-new": "ours: `apply_explanation_vector(vit_classifier, vector)` (model loaded and on the device; "
+    "returns a new model there)",
+    "ours-loaded-inplace": "ours: `apply_explanation_vector(self_explaining, vector, inplace=True)` (model loaded "
+    "and on the device)",
+    "naive-loaded": "naive: `state_dict()` + vector (copied to the device), added into a new dict, `load_state_dict` "
+    "into a new model",
+    "load-only": "load only: `ViTForSelfExplainingClassification.from_pretrained(device_map=DEVICE)` + "
+    "`ExplanationVector.from_pretrained`",
 }
 GOAL_SECONDS = 1.0
 
@@ -56,6 +79,8 @@ def run(quick: bool) -> SectionResult:
         if quick
         else {"ViT-B/16": (VIT_B16, 3, 2), "ViT-L/16": (VIT_L16, 1, 2)}
     )
+    on_gpu = device().type == "cuda"
+    where = str(device())  # the workers' --device
     section = SectionResult(
         "apply",
         "4. apply_explanation_vector: time and peak memory",
@@ -75,29 +100,52 @@ def run(quick: bool) -> SectionResult:
             "on this VM).",
         ],
     )
-    table = Table(
-        "Wall time and peak extra memory (medians)",
-        ["model", "mode", "processes × calls", "first call", "repeat", "peak extra RSS", "peak / model size"],
-    )
+    modes = dict(WORKER_MODES)
+    headers = [
+        "model",
+        "mode",
+        "processes × calls",
+        "first call",
+        "repeat",
+        "peak extra RSS",
+        "peak / model size",
+    ]
+    if on_gpu:
+        modes = {mode: text.replace("DEVICE", where) for mode, text in CUDA_WORKER_MODES.items()}
+        headers += ["peak extra device memory", "device peak / model size"]
+        section.setup[-1] = (
+            f'On {device_description()} (`--device {where}` to every worker): the "disk" modes load the model '
+            "straight into device memory, as a GPU user would (`device_map` is passed on to `from_pretrained` by "
+            "`apply_explanation_vector`; the naive path reads the safetensors with `device=`), and the vector is "
+            'streamed to the device tensor by tensor; the "loaded" modes start with the model already on the '
+            "device (`from_pretrained`, then `.to(device)`, before the timer) and the vector in host memory, "
+            "where `ExplanationVector.from_pretrained` puts it, so the call copies the vector's tensors over (the "
+            "naive merge copies them too). Timers wait for the device. Besides RSS, the peak of device memory "
+            "allocated during the call (`torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus "
+            "what was allocated before it) is reported. The warm-up call on a micro model also creates the CUDA "
+            "context, so neither figure includes it. The one-thread row of the CPU run is not repeated: the "
+            "copy-on-write faults it isolates do not occur when the weights are loaded into device memory."
+        )
+    table = Table("Wall time and peak extra memory (medians)", headers)
     threads = os.environ.get("SELFEXPLAIN_BENCH_THREADS", str(os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="selfexplain-bench-apply-") as tmp:
         for label, (settings, processes, calls) in sizes.items():
             folder = Path(tmp) / label.split()[0].replace("/", "")
-            info = _call_worker("prepare", folder, threads, 1, settings)
+            info = _call_worker("prepare", folder, threads, 1, settings, "cpu")  # writes files only
             model_bytes, vector_bytes = info["model_bytes"], info["vector_bytes"]
             section.setup.append(
                 f"{label}: {describe(settings)}, {info['parameters'] / 1e6:.1f} M parameters; model "
                 f"{fmt_bytes(model_bytes)}, vector (backbone) {fmt_bytes(vector_bytes)}."
             )
             results = {}
-            for mode, description in WORKER_MODES.items():
-                runs = [_call_worker(mode, folder, threads, calls, settings) for _ in range(processes)]
+            for mode, description in modes.items():
+                runs = [_call_worker(mode, folder, threads, calls, settings, where) for _ in range(processes)]
                 results[mode] = {
                     "first": median([run["seconds"][0] for run in runs]),
                     "repeat": median([t for run in runs for t in run["seconds"][1:]] or [float("nan")]),
                     "peak": median([run["peak_extra_bytes"] for run in runs]),
                 }
-                table.add(
+                cells = [
                     label,
                     description,
                     f"{processes} × {calls}",
@@ -105,11 +153,20 @@ def run(quick: bool) -> SectionResult:
                     fmt_seconds(results[mode]["repeat"]),
                     fmt_bytes(results[mode]["peak"]),
                     f"{results[mode]['peak'] / model_bytes:.2f}×",
-                )
-            if threads != "1":
+                ]
+                if on_gpu:
+                    results[mode]["device_peak"] = median([run["peak_extra_device_bytes"] for run in runs])
+                    cells += [
+                        fmt_bytes(results[mode]["device_peak"]),
+                        f"{results[mode]['device_peak'] / model_bytes:.2f}×",
+                    ]
+                table.add(*cells)
+            if threads != "1" and not on_gpu:
                 # The from-disk update writes into the pages transformers memory-maps the checkpoint into
                 # (copy-on-write faults); measured once more on one thread to show what threads do to that.
-                runs = [_call_worker("ours-disk", folder, "1", calls, settings) for _ in range(processes)]
+                runs = [
+                    _call_worker("ours-disk", folder, "1", calls, settings, where) for _ in range(processes)
+                ]
                 single = median([run["seconds"][0] for run in runs])
                 table.add(
                     label,
@@ -120,12 +177,16 @@ def run(quick: bool) -> SectionResult:
                     fmt_bytes(median([run["peak_extra_bytes"] for run in runs])),
                     f"{median([run['peak_extra_bytes'] for run in runs]) / model_bytes:.2f}×",
                 )
-            section.goals += _goals(label, results, model_bytes, vector_bytes, quick)
+            section.goals += _goals(label, results, model_bytes, vector_bytes, quick, on_gpu)
     section.tables.append(table)
     return section
 
 
-def _goals(label: str, results: dict, model_bytes: int, vector_bytes: int, quick: bool) -> list[Goal]:
+def _goals(
+    label: str, results: dict, model_bytes: int, vector_bytes: int, quick: bool, on_gpu: bool = False
+) -> list[Goal]:
+    """Time goals on the first call; the memory goal on the peak RSS (on a GPU: the peak device memory, where
+    the model and the update live)."""
     goals = []
     if label.startswith("ViT-B") or quick:
         for mode in ("ours-loaded-new", "ours-disk"):
@@ -145,25 +206,26 @@ def _goals(label: str, results: dict, model_bytes: int, vector_bytes: int, quick
             goals.append(
                 Goal(
                     f"apply {label}, {mode}, first call",
-                    "≤ 1 s on 2 cores",
+                    f"≤ 1 s on {device()}" if on_gpu else "≤ 1 s on 2 cores",
                     fmt_seconds(elapsed),
                     met,
                     reason,
                 )
             )
-    peak = results["ours-disk"]["peak"]
+    key = "device_peak" if on_gpu else "peak"
+    peak = results["ours-disk"][key]
     limit = model_bytes + vector_bytes
     met = peak <= limit * 1.05  # 5 % slack for allocator and interpreter noise
     reason = ""
     if not met:
         reason = (
             f"gap {fmt_bytes(peak - limit)}: peak {peak / model_bytes:.2f}× the model (naive "
-            f"{results['naive-disk']['peak'] / model_bytes:.2f}×, loading alone "
-            f"{results['load-only']['peak'] / model_bytes:.2f}×)"
+            f"{results['naive-disk'][key] / model_bytes:.2f}×, loading alone "
+            f"{results['load-only'][key] / model_bytes:.2f}×)"
         )
     goals.append(
         Goal(
-            f"apply {label} peak memory (from disk)",
+            f"apply {label} peak {'device ' if on_gpu else ''}memory (from disk)",
             "≤ model + one backbone copy",
             f"{fmt_bytes(peak)} vs {fmt_bytes(limit)}",
             met,
@@ -173,7 +235,8 @@ def _goals(label: str, results: dict, model_bytes: int, vector_bytes: int, quick
     return goals
 
 
-def _call_worker(mode: str, folder: Path, threads: str, repeats: int, settings: dict) -> dict:
+def _call_worker(mode: str, folder: Path, threads: str, repeats: int, settings: dict, where: str) -> dict:
+    """One worker process; ``where`` is its ``--device`` (the parent's :func:`device`)."""
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -187,6 +250,8 @@ def _call_worker(mode: str, folder: Path, threads: str, repeats: int, settings: 
         str(repeats),
         "--settings",
         json.dumps(settings),
+        "--device",
+        where,
     ]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
@@ -245,7 +310,12 @@ def _prepare(folder: Path, settings: dict) -> dict:
 
 
 def _naive_merge(model_state: dict, vector_state: dict, alpha: float = 1.0) -> dict:
-    return {k: v + alpha * vector_state[k] if k in vector_state else v for k, v in model_state.items()}
+    """θ + α·τ into a new dict; a vector tensor in host memory is copied to its parameter's device first (a no-op
+    on the CPU)."""
+    return {
+        k: v + alpha * vector_state[k].to(v.device) if k in vector_state else v
+        for k, v in model_state.items()
+    }
 
 
 def _naive_model(config, serialized_state: dict):
@@ -263,7 +333,13 @@ def _naive_model(config, serialized_state: dict):
 
 
 def _operation(mode: str, folder: Path):
-    """The callable a worker times, with its inputs already loaded for the "loaded" modes."""
+    """The callable a worker times, with its inputs already loaded for the "loaded" modes.
+
+    On the CPU (the default) exactly the operations the section describes. On a GPU (:func:`device` is CUDA) the
+    result is a model in device memory: the disk modes load onto the device (``device_map`` for
+    ``from_pretrained``, ``device=`` for ``load_file``), the loaded modes get the model moved there first (the
+    vector stays in host memory, where ``ExplanationVector.from_pretrained`` loads it).
+    """
     from safetensors.torch import load_file
     from transformers import AutoConfig, ViTForImageClassification
 
@@ -272,34 +348,43 @@ def _operation(mode: str, folder: Path):
     from selfexplain.vectors.config import VECTOR_WEIGHTS_NAME
 
     model_dir, vector_dir = folder / "model", folder / "vector"
+    on_cpu = device().type == "cpu"
+    # Where from_pretrained / load_file put the weights: nothing passed on the CPU (as before), the device else.
+    placement = {} if on_cpu else {"device_map": str(device())}
+    files_on = {} if on_cpu else {"device": str(device())}
     if mode == "ours-disk":
-        return lambda: apply_explanation_vector(model_dir, vector_dir, alpha=1.0)
+        return lambda: apply_explanation_vector(model_dir, vector_dir, alpha=1.0, **placement)
     if mode == "naive-disk":
         config = AutoConfig.from_pretrained(model_dir)
 
         def naive_from_disk():
             model_state = {}
             for shard in sorted(model_dir.glob("*.safetensors")):
-                model_state.update(load_file(shard))
+                model_state.update(load_file(shard, **files_on))
             return _naive_model(
-                config, _naive_merge(model_state, load_file(vector_dir / VECTOR_WEIGHTS_NAME))
+                config, _naive_merge(model_state, load_file(vector_dir / VECTOR_WEIGHTS_NAME, **files_on))
             )
 
         return naive_from_disk
     if mode == "load-only":
         return lambda: (
-            ViTForSelfExplainingClassification.from_pretrained(model_dir),
+            ViTForSelfExplainingClassification.from_pretrained(model_dir, **placement),
             ExplanationVector.from_pretrained(vector_dir),
         )
     vector = ExplanationVector.from_pretrained(vector_dir)
+
+    def loaded(model_class):
+        model = model_class.from_pretrained(model_dir)
+        return model if on_cpu else model.to(device())
+
     if mode == "ours-loaded-new":
-        model = ViTForImageClassification.from_pretrained(model_dir)
+        model = loaded(ViTForImageClassification)
         return lambda: apply_explanation_vector(model, vector, alpha=1.0)
     if mode == "ours-loaded-inplace":
-        model = ViTForSelfExplainingClassification.from_pretrained(model_dir)
+        model = loaded(ViTForSelfExplainingClassification)
         return lambda: apply_explanation_vector(model, vector, alpha=1.0, inplace=True)
     if mode == "naive-loaded":
-        model = ViTForImageClassification.from_pretrained(model_dir)
+        model = loaded(ViTForImageClassification)
         return lambda: _naive_model(model.config, _naive_merge(serialized_state_dict(model), vector.tensors))
     raise ValueError(f"unknown worker mode {mode!r}")
 
@@ -314,16 +399,42 @@ def _worker(mode: str, folder: Path, repeats: int, settings: dict) -> dict:
     warmup()
     del warmup
     operation = _operation(mode, folder)
-    seconds, peak_extra = [], None
+    on_gpu = device().type == "cuda"
+    seconds, peak_extra, device_peak_extra = [], None, None
     for _ in range(repeats):
+        if on_gpu:
+            device_baseline = _reset_device_peak()
         baseline = _reset_peak()
         start = time.perf_counter()
         result = operation()
+        synchronize()  # a no-op on the CPU
         seconds.append(time.perf_counter() - start)
         if peak_extra is None:
             peak_extra = _rss_bytes("VmHWM") - baseline
+            if on_gpu:
+                device_peak_extra = _device_peak_bytes() - device_baseline
         del result
-    return {"seconds": seconds, "peak_extra_bytes": peak_extra}
+    report = {"seconds": seconds, "peak_extra_bytes": peak_extra}
+    if on_gpu:
+        report["peak_extra_device_bytes"] = device_peak_extra
+    return report
+
+
+def _reset_device_peak() -> int:
+    """Reset the device's peak-allocation counter; return the bytes allocated now (the next peak's baseline)."""
+    import torch
+
+    gc.collect()
+    synchronize()
+    torch.cuda.reset_peak_memory_stats(device())
+    return torch.cuda.memory_allocated(device())
+
+
+def _device_peak_bytes() -> int:
+    import torch
+
+    synchronize()
+    return torch.cuda.max_memory_allocated(device())
 
 
 def _worker_main() -> None:
@@ -333,10 +444,12 @@ def _worker_main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--settings", type=json.loads, required=True)
+    parser.add_argument("--device", default="cpu", help="where the operation puts the model: cpu or cuda[:N]")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
+    set_device(args.device)
     print(json.dumps(_worker(args.worker, args.folder, args.repeats, args.settings)))
 
 

@@ -40,8 +40,10 @@ from _common import (
     Table,
     build_classifier,
     describe,
+    device,
     fmt_ratio,
     load_peer,
+    on_device,
     sample_images,
 )
 from torch import nn
@@ -114,7 +116,7 @@ def run(quick: bool) -> SectionResult:
     profile = QUICK if quick else FULL
     model, pixel_values, source = _model_and_images(profile.images)
     with torch.inference_mode():
-        classes = model_logits(model, pixel_values).argmax(-1)
+        classes = model_logits(model, pixel_values).argmax(-1).cpu()  # indexes CPU tables and estimates
     libraries = {
         "shap": load_peer("shap", "shap"),
         "shapiq": load_peer("shapiq", "shapiq"),
@@ -135,6 +137,15 @@ def run(quick: bool) -> SectionResult:
             "smallest budget.",
         ],
     )
+    if device().type != "cpu":
+        section.setup.append(
+            f"On {device()}: the model, the images, the masked images and every model evaluation (the tabulation "
+            "in (a), all of (b)) run on the device; the coalitions are sampled on the CPU (by each library, ours "
+            "with its CPU generators) and copied over per call, and the values come back to the CPU for the fits "
+            "and the errors (float64). The peers call the model through a numpy game here (masks in, the explained "
+            "class's probabilities out), so every method pays the same transfers; evaluations are counted, not "
+            "timed."
+        )
     for library in libraries.values():
         if not library.available:
             section.notes.append(f"{library.label}: not available — {library.reason}.")
@@ -162,11 +173,11 @@ def _model_and_images(num_images: int) -> tuple[nn.Module, torch.Tensor, str]:
         from selfexplain import ViTForSelfExplainingClassification
         from selfexplain.data import default_image_processor, load_builtin_domain
 
-        model = ViTForSelfExplainingClassification.from_pretrained(MODEL_DIR).eval()
+        model = on_device(ViTForSelfExplainingClassification.from_pretrained(MODEL_DIR).eval())
         test = load_builtin_domain("mnist", seed=0)["test"]
         processor = default_image_processor(model.config.image_size)
         images = [test[index]["image"].convert("RGB") for index in range(num_images)]
-        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+        pixel_values = on_device(processor(images=images, return_tensors="pt")["pixel_values"])
         source = (
             f"the trained MNIST ViT ({MODEL_DIR.relative_to(REPO_ROOT)}, 32 px, 8×8 patches, 10 classes) on the "
             "first MNIST test digits"
@@ -218,7 +229,7 @@ class CountedGame:
     def __call__(self, masks: np.ndarray) -> np.ndarray:
         masks = torch.as_tensor(np.asarray(masks, dtype=bool))
         self.evaluations += len(masks)
-        return self.values(masks).to(torch.float64).numpy()
+        return self.values(masks).to(device="cpu", dtype=torch.float64).numpy()
 
 
 def _table_game(table: torch.Tensor, image: int, cls: int) -> CountedGame:
@@ -228,13 +239,14 @@ def _table_game(table: torch.Tensor, image: int, cls: int) -> CountedGame:
 
 
 def _model_game(model: nn.Module, image: torch.Tensor, cls: int, grid: tuple[int, int]) -> CountedGame:
+    """The game of one image on the model's device (``image`` lives there; the CPU masks are copied over)."""
     baseline = make_baseline(image[None], "mean")
 
     def values(masks: torch.Tensor) -> torch.Tensor:
         outputs = []
         with torch.inference_mode():
             for chunk in masks.split(256):
-                masked = mask_images(image[None], baseline, chunk.view(1, -1, *grid))
+                masked = mask_images(image[None], baseline, on_device(chunk.view(1, -1, *grid)))
                 outputs.append(model_logits(model, masked).softmax(-1)[:, cls])
         return torch.cat(outputs) if outputs else torch.zeros(0)
 
@@ -338,7 +350,7 @@ def _ours_runner(model: Callable, pixel_values: torch.Tensor, classes: torch.Ten
         )
         expected = len(pixel_values) * min(budget, 2 ** (grid[0] * grid[1]))
         assert counter.evaluations == expected, (counter.evaluations, expected)
-        return phi[torch.arange(len(phi)), classes].flatten(1).to(torch.float64)
+        return phi[torch.arange(len(phi)), classes].flatten(1).to(device="cpu", dtype=torch.float64)
 
     return ours
 
@@ -377,9 +389,10 @@ def _exact_part(model, pixel_values, classes, profile: Profile, libraries, secti
 
 
 def _tabulate(model, image: torch.Tensor, coalitions: torch.Tensor, grid) -> torch.Tensor:
-    """``(1, 2**n, C)`` softmax probabilities of every coalition of one image (mean-colour baseline)."""
+    """``(1, 2**n, C)`` softmax probabilities of every coalition of one image (mean-colour baseline), evaluated on
+    the model's device and tabulated on the CPU (float64)."""
     game = _model_game(model, image, slice(None), grid)  # all classes
-    return game.values(coalitions)[None].to(torch.float64)
+    return game.values(coalitions)[None].to(device="cpu", dtype=torch.float64)
 
 
 def _reference_part(model, pixel_values, classes, profile: Profile, libraries, section) -> Curves:
@@ -399,7 +412,9 @@ def _reference_part(model, pixel_values, classes, profile: Profile, libraries, s
             sampler="leverage",
             batch_size=1024,
         )
-        references.append(phi[torch.arange(len(phi)), classes].flatten(1).to(torch.float64))
+        references.append(
+            phi[torch.arange(len(phi)), classes].flatten(1).to(device="cpu", dtype=torch.float64)
+        )
     reference = (references[0] + references[1]) / 2
     agreement = statistics.mean(
         _relative_error(references[0][i], references[1][i]) for i in range(len(reference))

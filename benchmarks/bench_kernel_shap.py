@@ -19,6 +19,7 @@ from _common import (
     Table,
     build_classifier,
     describe,
+    device,
     fmt_rate,
     fmt_ratio,
     fmt_seconds,
@@ -71,7 +72,9 @@ def run(quick: bool) -> SectionResult:
         counted.evaluations = 0
         maps = contender()
         evaluations[name] = counted.evaluations
-        estimates[name] = maps[torch.arange(num_images), predicted] if maps.dim() == 4 else maps
+        # Compared on the CPU (untimed): shap's maps are numpy-born, the others come back on the device.
+        maps = maps.cpu()
+        estimates[name] = maps[torch.arange(num_images), predicted.cpu()] if maps.dim() == 4 else maps
     times = interleaved_times({**contenders, "forward": forward_only}, rounds=rounds, warmup=0)
 
     labels = {
@@ -116,6 +119,14 @@ def run(quick: bool) -> SectionResult:
         ],
         tables=[table],
     )
+    if device().type != "cpu":
+        section.setup.append(
+            f"Device: the model, images, baselines, masks and Captum's feature mask are on {device()}; every "
+            "engine's forward passes run there. What stays on the CPU: our coalition sampling (a CPU generator per "
+            "image) and least-squares fit over the returned values, shap's sampling and fit in numpy (each batch "
+            "of masked images is composed on the device, its scores brought back), and Captum's coalition draws "
+            "and scikit-learn fit. The agreement table compares the maps on the CPU."
+        )
     for peer in (shap, captum):
         if not peer.available:
             section.notes.append(f"{peer.label}: not available — {peer.reason}.")
@@ -176,6 +187,8 @@ def _pre_masked_images(pixel_values: torch.Tensor, grid: tuple[int, int], budget
 
     generator = torch.Generator().manual_seed(0)
     coalitions = torch.rand(pixel_values.shape[0], budget, *grid, generator=generator) < 0.5
+    # Drawn on the CPU (the same draws on every device), then moved to the images.
+    coalitions = coalitions.to(pixel_values.device)
     return mask_images(pixel_values, make_baseline(pixel_values, "mean"), coalitions)
 
 
@@ -192,7 +205,7 @@ def _agreement(
     exact_time, exact = time_once(
         lambda: exact_shapley_values(model, pixel_values[:exact_images], grid=grid, batch_size=1024)
     )
-    exact = exact[torch.arange(exact_images), predicted[:exact_images]]
+    exact = exact.cpu()[torch.arange(exact_images), predicted[:exact_images].cpu()]
     section.notes.append(
         f"Exact Shapley values: {2 ** (grid[0] * grid[1]):,} evaluations per image, computed for the first "
         f"{exact_images} images in {fmt_seconds(exact_time)}."

@@ -19,12 +19,14 @@ from _common import (
     Table,
     build_classifier,
     describe,
+    device,
     fmt_rate,
     fmt_ratio,
     fmt_seconds,
     interleaved_times,
     load_peer,
     median,
+    on_device,
     sample_images,
     vit_config,
 )
@@ -40,7 +42,7 @@ def run(quick: bool) -> SectionResult:
     settings, num_images, rounds = (VIT_MICRO16, 4, 1) if quick else (VIT_SMALL32, 32, 3)
     model = build_classifier(settings, NUM_LABELS)
     counted = LogitsModel(model).eval()
-    explaining = ViTForSelfExplainingClassification(vit_config(settings, NUM_LABELS)).eval()
+    explaining = on_device(ViTForSelfExplainingClassification(vit_config(settings, NUM_LABELS)).eval())
     explaining.load_state_dict(model.state_dict(), strict=True)
     pixel_values = sample_images(num_images, settings["image_size"], seed=6)
     with torch.inference_mode():
@@ -59,7 +61,9 @@ def run(quick: bool) -> SectionResult:
     }
     quantus = load_peer("quantus", "Quantus")
     if quantus.available:
-        x, y, a = pixel_values.numpy(), predicted.numpy(), pixel_maps.contiguous().numpy()
+        # Quantus takes numpy batches (it perturbs them on the CPU) and moves each one to `device` to score it.
+        x, y = pixel_values.detach().cpu().numpy(), predicted.detach().cpu().numpy()
+        a = pixel_maps.contiguous().detach().cpu().numpy()
         common = dict(
             abs=False, normalise=False, perturb_baseline=0.0, disable_warnings=True, display_progressbar=False
         )
@@ -76,7 +80,7 @@ def run(quick: bool) -> SectionResult:
                 x_batch=x,
                 y_batch=y,
                 a_batch=a,
-                device="cpu",
+                device=str(device()),
                 batch_size=num_images,
                 softmax=True,
             )
@@ -121,6 +125,12 @@ def run(quick: bool) -> SectionResult:
         ],
         tables=[table],
     )
+    if device().type != "cpu":
+        section.setup.append(
+            f"Device: the model, images, maps and masks are on {device()}; ours composes and scores the masked "
+            "images there. Quantus takes numpy arrays: it perturbs the images on the CPU and moves each step's "
+            f"batch to {device()} to score it (its `device` argument), so its times include those copies."
+        )
     if quantus.available:
         section.notes.append(_curve_agreement(outputs, num_players))
     else:
@@ -130,7 +140,7 @@ def run(quick: bool) -> SectionResult:
 
 def _curve_agreement(outputs: dict, num_players: int) -> str:
     """Our deletion curve against Quantus' pixel-flipping curve: they should be the same numbers."""
-    ours = outputs["ours"]["deletion_curve"][:, 1:].numpy()  # after removing 1..n players
+    ours = outputs["ours"]["deletion_curve"][:, 1:].detach().cpu().numpy()  # after removing 1..n players
     theirs = np.asarray(outputs["pixel_flipping"], dtype=np.float64).reshape(ours.shape[0], -1)
     whole_patches = theirs[:, 2::3][:, :num_players]  # Quantus takes three steps per patch (see above)
     gap = float(np.abs(ours - whole_patches).max())

@@ -21,6 +21,7 @@ from _common import (
     fmt_seconds,
     interleaved_times,
     median,
+    on_device,
     sample_images,
     vit_config,
 )
@@ -55,7 +56,7 @@ def run(quick: bool) -> SectionResult:
         ],
     )
     plain = build_classifier(settings, num_labels)
-    ours = ViTForSelfExplainingClassification(vit_config(settings, num_labels)).eval()
+    ours = on_device(ViTForSelfExplainingClassification(vit_config(settings, num_labels)).eval())
     ours.load_state_dict(plain.state_dict(), strict=True)
     patches = (settings["image_size"] // settings["patch_size"]) ** 2
     head_flops = {

@@ -10,6 +10,7 @@ are (they are different value functions).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_removal.py           # this section alone, as Markdown
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_removal.py --quick   # smoke run
+    python benchmarks/bench_removal.py --device cuda                      # on a GPU
     python benchmarks/run_all.py --only removal --output build/removal.md  # the same through run_all
 """
 
@@ -36,13 +37,17 @@ from _common import (
     Table,
     build_classifier,
     describe,
+    device,
+    device_description,
     fmt_rate,
     fmt_ratio,
     fmt_seconds,
     interleaved_times,
     median,
+    on_device,
     paired_ratio,
     sample_images,
+    set_device,
     time_once,
 )
 
@@ -89,7 +94,7 @@ def run(quick: bool) -> SectionResult:
         setup=[
             f"{'Quick run: ' if quick else ''}players = the model's patches; random weights, {NUM_LABELS} "
             f"classes, photo crops, value = softmax probabilities, batch_size {BATCH_SIZE}, float32, "
-            f"{torch.get_num_threads()} torch threads. Models: "
+            f"{torch.get_num_threads()} torch threads{_device_text()}. Models: "
             + "; ".join(f"{case.num_players} players: ViT {describe(case.settings)}" for case in cases)
             + ".",
             "Both removals evaluate the same Kernel SHAP coalitions (same seed; paired sampling, so a coalition and "
@@ -101,6 +106,14 @@ def run(quick: bool) -> SectionResult:
             "share the cores (wall time then also measures the waiting).",
         ],
     )
+    if device().type != "cpu":
+        section.setup.append(
+            "On the GPU: models, images, the embedded tokens and every forward pass run on the device; the Kernel "
+            "SHAP coalitions are sampled on the CPU (the library's per-image CPU generators) and copied over, the "
+            "values come back to the CPU as float64 for the least-squares fit (on the CPU, as in the library). "
+            "The 'CPU' columns then count the host's share only (launching kernels, waiting for the device), "
+            "so the wall-time columns are the ones to read."
+        )
     coalitions = {case: kernel_shap_coalitions(case.num_images, case.grid, case.budget) for case in cases}
     section.tables.append(_end_to_end_table(cases, coalitions, rounds, section))
     first = cases[0]
@@ -244,23 +257,25 @@ def attention_mask_values(
 ) -> torch.Tensor:
     """Token dropping by attention masking: every coalition runs all ``n + 1`` tokens, and a key mask hides the
     removed ones from every query. The CLS output (and so the value) equals dropping the tokens; the cost is that
-    of the full sequence. Returns probabilities ``(B, M, C)`` float64."""
+    of the full sequence. Runs where the model lives; returns probabilities ``(B, M, C)`` float64 on the CPU."""
     from transformers.masking_utils import create_bidirectional_mask
 
     num_images, num_coalitions, num_players = coalitions.shape
-    flat = coalitions.reshape(-1, num_players)
+    where = next(model.parameters()).device
+    flat = coalitions.reshape(-1, num_players).to(where)
     values = []
     with torch.inference_mode():
-        tokens = embed_patch_tokens(model, pixel_values)
-        for rows in torch.arange(len(flat)).split(batch_size):
+        tokens = embed_patch_tokens(model, pixel_values.to(where))
+        for rows in torch.arange(len(flat), device=where).split(batch_size):
             hidden = tokens[rows // num_coalitions]
-            keep = torch.cat([torch.ones(len(rows), 1, dtype=torch.bool), flat[rows]], dim=1)
+            keep = torch.cat([torch.ones(len(rows), 1, dtype=torch.bool, device=where), flat[rows]], dim=1)
             mask = create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=keep)
             for layer in model.vit.layers:
                 hidden = layer(hidden, mask)
             logits = model.classifier(model.vit.layernorm(hidden[:, 0]))
             values.append(logits.float().softmax(-1))
-    return torch.cat(values).double().view(num_images, num_coalitions, -1)
+    # float64 on the CPU, like the library's value functions (`token_dropping_values`, `_coalition_values`).
+    return torch.cat(values).to(device="cpu", dtype=torch.float64).view(num_images, num_coalitions, -1)
 
 
 def _baseline_values(model: Callable, pixel_values: torch.Tensor, coalitions: torch.Tensor) -> torch.Tensor:
@@ -365,10 +380,16 @@ def _variants_table(case: Case, coalitions: torch.Tensor, section: SectionResult
             f"{errors[name]:.1e}",
             fmt_seconds(compile_seconds[name]) if name in compile_seconds else "—",
         )
+    if device().type == "cuda":
+        hardware = (
+            f"the GPU {'supports' if torch.cuda.is_bf16_supported() else 'lacks native'} bfloat16; "
+            "`torch.compile` on the GPU generates Triton kernels"
+        )
+    else:
+        hardware = f"the CPU has {'no ' if not _has_bf16_instructions() else ''}native bfloat16 instructions"
     section.notes.append(
         "bfloat16 and `torch.compile` are measured, not used: the library keeps float32 eager unless a variant "
-        "wins clearly once its one-off compile time is counted (see the table; the CPU has "
-        f"{'no ' if not _has_bf16_instructions() else ''}native bfloat16 instructions)."
+        f"wins clearly once its one-off compile time is counted (see the table; {hardware})."
     )
     return table
 
@@ -406,6 +427,11 @@ def _compiled_variants(
         return {}
 
 
+def _device_text() -> str:
+    """``""`` on the CPU (the text stays as it was), ``", on cuda:0 (NVIDIA ...)"`` elsewhere."""
+    return "" if device().type == "cpu" else f", on {device_description()}"
+
+
 def _has_bf16_instructions() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -439,19 +465,20 @@ def _fidelity_table(section: SectionResult) -> Table | None:
     if not (FIDELITY_MODEL / "model.safetensors").is_file():
         section.notes.append(f"Fidelity comparison skipped: no trained classifier at {FIDELITY_MODEL}.")
         return None
-    model = ViTForSelfExplainingClassification.from_pretrained(FIDELITY_MODEL).eval()
+    model = on_device(ViTForSelfExplainingClassification.from_pretrained(FIDELITY_MODEL).eval())
     pixel_values, ink = _mnist_test_images(FIDELITY_IMAGES, FIDELITY_MODEL)
+    pixel_values = on_device(pixel_values)
     grid = model.patch_grid(pixel_values)
     on_digit = torch.nn.functional.adaptive_max_pool2d(ink[:, None].float(), grid).flatten(1) > 0  # (B, n)
     with torch.inference_mode():
-        predicted = model(pixel_values=pixel_values, explain=None).logits.argmax(-1)
+        predicted = model(pixel_values=pixel_values, explain=None).logits.argmax(-1).cpu()
     maps = {}
     for removal in ("baseline", "tokens"):
         for seed in (0, 1):
             phi = kernel_shap_values(
                 model, pixel_values, grid=grid, budget=FIDELITY_BUDGET, seed=seed, removal=removal
             )
-            maps[removal, seed] = phi[torch.arange(len(phi)), predicted].flatten(1)
+            maps[removal, seed] = phi.cpu()[torch.arange(len(phi)), predicted].flatten(1)  # maps on the CPU
     table = Table(
         f"Attributions of a trained classifier ({FIDELITY_MODEL.relative_to(REPO_ROOT)}, {grid[0]}×{grid[1]} "
         f"players), {FIDELITY_IMAGES} MNIST test images, budget {FIDELITY_BUDGET}, predicted class",
@@ -531,8 +558,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    set_device(args.device)
     result = run(args.quick)
     print(f"## {result.title}\n")
     print("\n".join(f"- {item}" for item in result.setup))

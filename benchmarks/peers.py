@@ -1,6 +1,12 @@
 """Adapters that run the peer libraries (shap, Captum, pytorch-grad-cam) on the same model, players and baseline
 as selfexplain.
 
+Devices: every adapter runs the model where ``pixel_values`` live (``_common.device()``). shap works in numpy on the
+CPU, so its value functions move each batch of masked images to the images' device and bring the scores back with
+``.cpu()``; Captum and pytorch-grad-cam take the model, inputs, baselines and feature masks on that device (their
+own bookkeeping, Captum's linear fit and pytorch-grad-cam's map scaling, runs on the CPU). Maps come back on the
+images' device, except shap's Partition maps, which are numpy arrays (pixel maps, as that library returns them).
+
 Every sampling adapter explains images on a ``(grid_h, grid_w)`` player grid, replaces removed players by the same
 baseline image (:func:`selfexplain.attribution.masking.make_baseline`) and scores softmax probabilities, so their estimates
 are comparable with :func:`selfexplain.attribution.shapley.kernel_shap_values`. The model is a
@@ -42,7 +48,9 @@ def shap_kernel(
     background is the empty coalition (every player shows the baseline) and ``x`` the full one, so shap spends
     1 + 1 + ``nsamples`` evaluations: ``nsamples = budget - 2``. ``l1_reg=False`` keeps it plain Kernel SHAP (no
     LARS feature selection), like ours. With ``classes=None`` every class is explained from the same
-    evaluations ``(B, num_classes, gh, gw)``; with one class per image only that output ``(B, gh, gw)``.
+    evaluations ``(B, num_classes, gh, gw)``; with one class per image only that output ``(B, gh, gw)``. shap
+    samples and fits in numpy on the CPU; the masked images are composed and scored on ``pixel_values``' device, and
+    the maps are returned there.
     """
     num_players = grid[0] * grid[1]
     baseline = make_baseline(pixel_values, "mean")
@@ -52,19 +60,19 @@ def shap_kernel(
         target = None if classes is None else int(classes[index])
 
         def value(coalitions: np.ndarray, image=image, base=base, target=target) -> np.ndarray:
-            masks = torch.from_numpy(coalitions > 0.5).view(1, -1, *grid)
+            masks = torch.from_numpy(coalitions > 0.5).view(1, -1, *grid).to(image.device)
             outputs = []
             with torch.inference_mode():
                 for chunk in masks.split(batch_size, dim=1):
                     probs = model(mask_images(image, base, chunk)).softmax(-1)
                     outputs.append(probs if target is None else probs[:, target : target + 1])
-            return torch.cat(outputs).double().numpy()
+            return torch.cat(outputs).double().cpu().numpy()
 
         explainer = shap.KernelExplainer(value, np.zeros((1, num_players)))
         phi = explainer.shap_values(np.ones((1, num_players)), nsamples=budget - 2, l1_reg=False, silent=True)
         phi = np.asarray(phi, dtype=np.float64).reshape(num_players, -1)  # (players, outputs)
         maps.append(torch.from_numpy(phi.T.copy()).float().view(-1, *grid))
-    stacked = torch.stack(maps)
+    stacked = torch.stack(maps).to(pixel_values.device)
     return stacked if classes is None else stacked[:, 0]
 
 
@@ -74,19 +82,21 @@ def shap_partition(
     """shap's image explainer (``PartitionExplainer`` + ``maskers.Image``) at ``max_evals=budget``, per image.
 
     The masker fills hidden pixels with the same per-image mean colour as our baseline. Partition explains
-    hierarchical pixel regions (Owen values), not a fixed patch grid, so its maps are pixel maps.
+    hierarchical pixel regions (Owen values), not a fixed patch grid, so its maps are pixel maps. shap masks the
+    images in numpy on the CPU; each batch is moved to ``pixel_values``' device to be scored.
     """
     maps = []
     height, width = pixel_values.shape[-2:]
     for index in range(pixel_values.shape[0]):
         target = int(classes[index])
-        image_hwc = pixel_values[index].permute(1, 2, 0).numpy()
+        image_hwc = pixel_values[index].permute(1, 2, 0).detach().cpu().numpy()
         mean_colour = np.broadcast_to(image_hwc.mean(axis=(0, 1)), image_hwc.shape).copy()
 
         def value(images_hwc: np.ndarray, target=target) -> np.ndarray:
             batch = torch.from_numpy(np.ascontiguousarray(images_hwc, dtype=np.float32)).permute(0, 3, 1, 2)
             with torch.inference_mode():
-                return model(batch).softmax(-1)[:, target : target + 1].double().numpy()
+                scores = model(batch.to(pixel_values.device)).softmax(-1)
+                return scores[:, target : target + 1].double().cpu().numpy()
 
         masker = shap.maskers.Image(mean_colour, shape=(height, width, 3))
         explainer = shap.PartitionExplainer(value, masker)
@@ -98,6 +108,10 @@ def shap_partition(
 # --------------------------------------------------------------------------------------------------------
 # Coalition games: shap, shapiq and Captum on one value function of binary coalition masks
 # --------------------------------------------------------------------------------------------------------
+
+# The libraries below see only coalitions and values, in numpy (shap, shapiq) or as small CPU tensors (Captum's
+# inputs are the coalition masks themselves): they run on the CPU on every device. The game itself (numpy masks in,
+# numpy values out) runs the model where it lives and brings the values back to the CPU.
 
 #: ``(M, n)`` bool coalition masks -> ``(M,)`` float64 values (one class); the equal-error benchmark's games.
 CoalitionGame = Callable[[np.ndarray], np.ndarray]
@@ -149,7 +163,7 @@ def captum_kernel_shap_game(
     torch.manual_seed(seed)
 
     def forward(masks: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(game(masks.detach().numpy() > 0.5))
+        return torch.from_numpy(game(masks.detach().cpu().numpy() > 0.5))
 
     explainer = captum_attr.KernelShap(forward)
     with torch.no_grad():
@@ -160,7 +174,7 @@ def captum_kernel_shap_game(
             n_samples=budget,
             perturbations_per_eval=budget,
         )
-    return phi[0].to(torch.float64).numpy()
+    return phi[0].to(torch.float64).cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -169,8 +183,9 @@ def captum_kernel_shap_game(
 
 
 def player_feature_mask(pixel_values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """``(1, C, H, W)`` long tensor: the player index of every pixel (same cells as ``mask_images``)."""
-    ids = torch.arange(grid[0] * grid[1], dtype=torch.float32).view(1, *grid)
+    """``(1, C, H, W)`` long tensor: the player index of every pixel (same cells as ``mask_images``), on
+    ``pixel_values``' device (Captum combines it with the inputs and baselines)."""
+    ids = torch.arange(grid[0] * grid[1], dtype=torch.float32, device=pixel_values.device).view(1, *grid)
     pixel_ids = grid_to_pixel_mask(ids, tuple(pixel_values.shape[-2:])).long()  # (1, H, W)
     return pixel_ids.unsqueeze(1).expand(1, pixel_values.shape[1], -1, -1).contiguous()
 
@@ -236,9 +251,9 @@ def captum_feature_ablation(
 def _pool_to_grid(attributions: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Captum repeats a player's attribution on each of its pixels; read one pixel (channel 0) per player."""
     num_players = grid[0] * grid[1]
-    flat_mask = mask[0, 0].flatten()
+    flat_mask = mask[0, 0].flatten().cpu()  # looked up on the CPU: one device sync, not one per player
     first_pixel = torch.stack([(flat_mask == p).nonzero()[0, 0] for p in range(num_players)])
-    return attributions[:, 0].flatten(1)[:, first_pixel].view(-1, *grid).float()
+    return attributions[:, 0].flatten(1)[:, first_pixel.to(attributions.device)].view(-1, *grid).float()
 
 
 class _ChannelsFirst(nn.Module):
@@ -325,8 +340,9 @@ class PytorchGradCam:
 
     Its channel weights average the gradients over the patch tokens, like ours; it then min-max scales each map to
     [0, 1] and resizes it to the input's pixels (OpenCV bilinear), so its maps equal ours up to that scaling and
-    the upsampling. Returns those ``(B, H, W)`` pixel maps, as the library does. Runs on a copy of the model (the
-    library calls ``zero_grad`` and ``backward``, which would write ``.grad`` into the caller's parameters).
+    the upsampling. Returns those ``(B, H, W)`` pixel maps, as the library does, on ``pixel_values``' device. Runs
+    on a copy of the model (the library calls ``zero_grad`` and ``backward``, which would write ``.grad`` into the
+    caller's parameters).
     """
 
     def __init__(self, grad_cam_module: ModuleType, model: nn.Module, grid: tuple[int, int]) -> None:
@@ -341,4 +357,5 @@ class PytorchGradCam:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         targets = [ClassifierOutputTarget(int(c)) for c in classes]
-        return torch.from_numpy(self.cam(input_tensor=pixel_values, targets=targets))
+        # The library runs on its model's device (the input is moved there) and returns numpy maps.
+        return torch.from_numpy(self.cam(input_tensor=pixel_values, targets=targets)).to(pixel_values.device)

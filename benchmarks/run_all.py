@@ -3,6 +3,7 @@
     python benchmarks/run_all.py            # full run, < 20 min on 2 CPU cores; writes docs/benchmarks.md
     python benchmarks/run_all.py --quick    # smoke run, < 2 min; writes build/benchmarks-quick.md
     python benchmarks/run_all.py --only overhead,apply --output /tmp/partial.md
+    python benchmarks/run_all.py --device cuda  # every section on a GPU; writes docs/benchmarks-cuda.md
 
 Sections (see each ``bench_*.py``): ``overhead`` (explanation cost of the forward pass), ``posthoc`` (versus
 post-hoc explainers per image), ``kernel_shap`` (target-generation engine vs shap and Captum), ``apply``
@@ -13,6 +14,10 @@ post-hoc explainers per image), ``kernel_shap`` (target-generation engine vs sha
 (pytorch-grad-cam needs its own environment, see ``peers.load_grad_cam``), and a missing one is reported as
 "not available" with the reason. A section that fails is reported with its
 error and makes the command exit with status 1 after the report is written.
+
+``--device cuda`` runs every section's models and tensors on the GPU (timers wait for the device after every
+timed call) and names the GPU in the report; the tables are the same. What stays on the CPU says so in its section
+(the peers' own numpy work, the sampling of coalitions).
 """
 
 from __future__ import annotations
@@ -78,14 +83,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads (default: all cores)"
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the sections run their models: cpu (default), cuda or cuda:N",
+    )
     args = parser.parse_args(argv)
     args.sections = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
     if args.output is None:
-        args.output = REPO_ROOT / ("build/benchmarks-quick.md" if args.quick else "docs/benchmarks.md")
+        args.output = _default_output(args)
     return args
+
+
+def _default_output(args: argparse.Namespace) -> Path:
+    """docs/benchmarks.md for the CPU, docs/benchmarks-cuda.md on a GPU (never overwriting the other)."""
+    suffix = "" if args.device == "cpu" else f"-{args.device.split(':')[0]}"
+    return REPO_ROOT / (f"build/benchmarks{suffix}-quick.md" if args.quick else f"docs/benchmarks{suffix}.md")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,6 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    try:
+        _common.set_device(args.device)
+    except ValueError as error:
+        print(f"[benchmarks] {error}", file=sys.stderr)
+        return 2
+    print(f"[benchmarks] device: {_common.device_description()}", flush=True)
     started = time.perf_counter()
     results = []
     for name in args.sections:
@@ -149,6 +171,7 @@ def render(
         "",
         "## Machine",
         "",
+        f"- Device: **{_common.device_description()}** (every section's models and tensors)",
         f"- CPU: {_common.cpu_model()}, {os.cpu_count()} logical cores; torch threads: {args.threads}",
         f"- Memory: {_common.fmt_bytes(_common.total_memory_bytes() or 0)}; OS: {platform.platform()}",
         f"- `OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}` (run_all sets PASSIVE unless set: with active "
@@ -210,8 +233,9 @@ def _flags(args: argparse.Namespace) -> str:
         flags += f" --only {','.join(args.sections)}"
     if args.threads != (os.cpu_count() or 1):
         flags += f" --threads {args.threads}"
-    default_output = REPO_ROOT / ("build/benchmarks-quick.md" if args.quick else "docs/benchmarks.md")
-    if args.output.resolve() != default_output.resolve():
+    if args.device != "cpu":
+        flags += f" --device {args.device}"
+    if args.output.resolve() != _default_output(args).resolve():
         flags += f" --output {args.output}"
     return flags
 

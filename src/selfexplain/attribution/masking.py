@@ -91,7 +91,8 @@ def mask_images(
         ``(B * M, C, H, W)`` masked images, image-major (all coalitions of image 0 first).
     """
     b, c, h, w = pixel_values.shape
-    keep = grid_to_pixel_mask(player_masks, (h, w)).to(pixel_values.dtype)  # (B, M, H, W)
+    # Coalitions are usually drawn on the CPU: they go where the images are.
+    keep = grid_to_pixel_mask(player_masks, (h, w)).to(device=pixel_values.device, dtype=pixel_values.dtype)
     keep = keep.unsqueeze(2)  # (B, M, 1, H, W)
     x = pixel_values.unsqueeze(1)
     base = baseline.unsqueeze(1)
