@@ -152,6 +152,7 @@ def kernel_shap_values(
     sampler: SamplerKind = "kernel",
     control_variate: bool = False,
     ridge: RidgeKind = "none",
+    prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Kernel SHAP estimates of the Shapley values of the grid cells, for every image and class at once.
 
@@ -219,6 +220,11 @@ def kernel_shap_values(
             evaluated. In between it shrinks the values' scale somewhat (a map's Pearson or ranking does not
             see that; the values' L2 error does: ``docs/results/kernel_shap_equal_error.md``). Not with
             ``control_variate``.
+        prior: with ``ridge="gcv"``, a ``(B, num_classes, grid_h, grid_w)`` estimate to shrink towards instead
+            of the equal split, e.g. a self-explaining model's ``explain="all"`` map of the same classifier
+            (pooled to ``grid``; any scale: it is refitted to the evaluations, and GCV decides how far to trust
+            it, see :mod:`selfexplain.attribution.ridge`). Still efficient, exact when every coalition is
+            evaluated, and converging to Kernel SHAP's estimate as the budget grows.
 
     Returns:
         ``(B, num_classes, grid_h, grid_w)`` float32 attributions on ``pixel_values``' device. For each
@@ -238,6 +244,7 @@ def kernel_shap_values(
         raise TypeError(f"paired must be a bool, got {type(paired).__name__}.")
     check_removal(removal, model, pixel_values, grid)
     _check_estimator(sampler, control_variate, value, ridge)
+    _check_prior(prior, ridge, pixel_values.shape[0], grid)
     generators = _image_generators(seed, pixel_values.shape[0])
     num_players = grid[0] * grid[1]
 
@@ -256,9 +263,12 @@ def kernel_shap_values(
     if control_variate:
         phi = control_variate_fit(coalitions, weights, values, generators)
     elif ridge == "gcv" and not complete and num_players > 1 and coalitions.shape[1] > 2:
+        if prior is not None and prior.shape[1] != values.shape[-1]:
+            raise ValueError(f"prior has {prior.shape[1]} classes, the model scores {values.shape[-1]}.")
         phi, _ = solve_ridge_gcv(
             coalitions[:, 2:].to(torch.float64), weights, values[:, 2:], values[:, 0], values[:, 1],
             _sum_zero_basis(num_players),
+            None if prior is None else prior.detach().flatten(2).to("cpu", torch.float64),
         )  # fmt: skip
     else:
         phi = _solve_constrained_wls(
@@ -296,6 +306,26 @@ def _check_inputs(
     if value not in VALUE_KINDS:
         raise ValueError(f"value must be one of {VALUE_KINDS}, got {value!r}.")
     return int(grid[0]), int(grid[1])
+
+
+def _check_prior(prior: torch.Tensor | None, ridge: str, batch: int, grid: tuple[int, int]) -> None:
+    if prior is None:
+        return
+    if ridge != "gcv":
+        raise ValueError('prior needs ridge="gcv" (the prior is the centre of the ridge penalty).')
+    if (
+        not isinstance(prior, torch.Tensor)
+        or prior.ndim != 4
+        or prior.shape[0] != batch
+        or prior.shape[2:] != grid
+    ):
+        shape = tuple(prior.shape) if isinstance(prior, torch.Tensor) else type(prior).__name__
+        raise ValueError(
+            f"prior must be a (B, num_classes, grid_h, grid_w) = ({batch}, num_classes, {grid[0]}, {grid[1]}) "
+            f"tensor, got {shape} (pool a finer map with `pool_to_player_grid`)."
+        )
+    if not torch.isfinite(prior).all():
+        raise ValueError("prior holds non-finite values.")
 
 
 def _check_estimator(sampler: str, control_variate: bool, value: str, ridge: str = "none") -> None:
