@@ -169,7 +169,7 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
         lines += ["", "![quality vs Kernel SHAP budget](kernel_shap_budget.png)", ""]
     if (report_dir / "heatmaps.png").exists():
         lines += ["## Heatmaps", "", "![heatmaps before and after](heatmaps.png)", ""]
-    lines += ["## Config", "", "```json", json.dumps(cfg, indent=2), "```", ""]
+    lines += ["## Config", "", "```json", json.dumps(cfg, indent=2, sort_keys=True), "```", ""]
     (report_dir / "report.md").write_text("\n".join(lines))
     _plots(results, report_dir)
     return report_dir / "report.md"
