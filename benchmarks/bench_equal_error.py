@@ -562,10 +562,9 @@ def _equal_error_table(label, curves: Curves, budgets, target: float, grid, sect
             "ridge removes the error peak near 2n evaluations but shrinks the values at the budgets where this "
             "error is reached; see the curves"
             if ours_name == PRIMARY
-            else "the prior helps the map's shape (Pearson: docs/results/kernel_shap_prior.md, 3 seeds) far more "
-            "than the values' L2 error: the map is a rough estimate of the values' scale and GCV, which judges "
-            "coalition values, not Shapley values, can over-trust it; its gain, where there is one, is at the "
-            "smallest budgets (see the curves), below the budgets this error needs"
+            else "the prior's gain is at small budgets and shrinks as the evaluations take over (by Pearson and by "
+            "median L2 error, 3 seeds × 16 images: docs/results/kernel_shap_prior.md, about 4–5× at 64 "
+            "evaluations, 2× at 256); this error needs more evaluations than that; see the curves"
         )
         section.goals.append(
             Goal(
