@@ -202,6 +202,12 @@ FULL_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         "the extension reads the embeddings (the least-drifted layer between two fine-tunes) and every block of "
         "the classifier carries its tokens",
     ),
+    "source-side hosts": (
+        {"extension_hosts": ["mnist-parity", "mnist-inverted"]},
+        "transfer: every step also explains two frozen θ0 fine-tunes that differ from the source's classifier "
+        "without any other domain's images (the same images with another task, `mnist-parity`; the same task on "
+        "inverted images, `mnist-inverted`), each on a batch of its own (3x the work per epoch)",
+    ),
 }
 
 

@@ -153,6 +153,23 @@ def test_digits_on_clutter_reuses_the_mnist_split_of_the_same_seed():
         assert list(mnist[split]["label"]) == list(clutter[split]["label"])
 
 
+def test_mnist_variants_are_the_mnist_images_in_the_same_splits():
+    """Host domains made from the source's own images: no other domain's images, no test image in training."""
+    mnist = small("mnist", seed=3)
+    parity, inverted = small("mnist-parity", seed=3), small("mnist-inverted", seed=3)
+    assert parity["train"].features["label"].names == ["even", "odd"]
+    for split in SPLITS:
+        images, labels, masks = as_arrays(mnist[split])
+        parity_images, parity_labels, parity_masks = as_arrays(parity[split])
+        inverted_images, inverted_labels, inverted_masks = as_arrays(inverted[split])
+        np.testing.assert_array_equal(parity_images, images)
+        np.testing.assert_array_equal(parity_labels, labels % 2)
+        np.testing.assert_array_equal(inverted_images, 255 - images)
+        np.testing.assert_array_equal(inverted_labels, labels)
+        np.testing.assert_array_equal(parity_masks, masks)
+        np.testing.assert_array_equal(inverted_masks, masks)  # the digit's pixels, not the bright ones
+
+
 def test_union_is_the_members_with_shifted_labels():
     num_samples = 158  # shares 50 / 18 / 50 / 40 in proportion to the members' default sizes
     union = load_builtin_domain("union", seed=2, num_samples=num_samples)

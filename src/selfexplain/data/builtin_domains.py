@@ -24,6 +24,8 @@ name                  classes  total  train  val   test  masks  build  pixels fr
 ``digits-on-clutter`` 10       5000   3500   500   1000  yes    2.0 s  MNIST pasted on clutter
 ``shapes-on-clutter`` 4        4000   2800   400   800   yes    1.6 s  generated
 ``union``             14       15797  11058  1580  3159  yes    4.5 s  the four domains above
+``mnist-parity``      2        5000   3500   500   1000  yes    0.6 s  ``mnist``, relabelled
+``mnist-inverted``    10       5000   3500   500   1000  yes    0.6 s  ``mnist``, inverted
 ====================  =======  =====  =====  ====  ====  =====  =====  ==========================
 
 - ``mnist``: 28×28 digits padded by 2 px to 32×32 (white on black); the mask is ink intensity > 0.5.
@@ -43,6 +45,11 @@ name                  classes  total  train  val   test  masks  build  pixels fr
   ``digits-on-clutter`` and ``shapes-on-clutter`` built with the same seed. Labels ``0``-``9`` are the digits
   (shared by the three digit domains) and ``10``-``13`` are ``circle``, ``square``, ``triangle``, ``cross``
   (see :data:`UNION_LABEL_OFFSETS`). ``faces`` is left out so that it stays an unrelated target.
+- ``mnist-parity`` and ``mnist-inverted``: *source-side* variants of ``mnist`` with the same images in the same
+  splits (example ``i`` of a split is example ``i`` of that ``mnist`` split): another task on the same images
+  (``label`` 0 = ``"even"``, 1 = ``"odd"``), and the same task on inverted images (black on white; the mask is
+  the digit's, as in ``mnist``). They exist to make classifiers that differ from an ``mnist`` classifier without
+  seeing any other domain's images, e.g. as explanation-extension hosts (``TrainingConfig.extension_hosts``).
 
 Related pairs for explanation transfer: ``mnist`` ↔ ``digits-on-clutter`` and ``mnist`` ↔ ``digits`` (same
 label set, different rendering); less related: ``faces`` vs any digit domain, and ``shapes-on-clutter`` vs
@@ -88,6 +95,7 @@ from .rendering import (
 
 DIGIT_NAMES: tuple[str, ...] = tuple(str(d) for d in range(10))
 FACE_NAMES: tuple[str, ...] = ("non-face", "face")
+PARITY_NAMES: tuple[str, ...] = ("even", "odd")
 
 UNION_MEMBERS: tuple[str, ...] = ("mnist", "digits", "digits-on-clutter", "shapes-on-clutter")
 #: Label of member class ``k`` in ``union`` = ``UNION_LABEL_OFFSETS[member] + k``.
@@ -198,6 +206,26 @@ BUILTIN_DOMAINS: dict[str, BuiltinDomain] = {
             source="mnist + digits + digits-on-clutter + shapes-on-clutter",
             description="Union of the digit domains and shapes-on-clutter; labels 0-9 digits, 10-13 shapes.",
         ),
+        BuiltinDomain(
+            name="mnist-parity",
+            label_names=PARITY_NAMES,
+            num_samples=5000,
+            max_samples=5000,
+            has_masks=True,
+            family="digits",
+            source="mnist, relabelled even / odd",
+            description="The mnist domain's images and splits, labelled by the digit's parity (0 even, 1 odd).",
+        ),
+        BuiltinDomain(
+            name="mnist-inverted",
+            label_names=DIGIT_NAMES,
+            num_samples=5000,
+            max_samples=5000,
+            has_masks=True,
+            family="digits",
+            source="mnist, inverted",
+            description="The mnist domain's images and splits, inverted (black digits on white).",
+        ),
     )
 }
 
@@ -212,7 +240,7 @@ def load_builtin_domain(name: str, seed: int = 0, num_samples: int | None = None
 
     Args:
         name: a key of :data:`BUILTIN_DOMAINS` (``"mnist"``, ``"digits"``, ``"faces"``,
-            ``"digits-on-clutter"``, ``"shapes-on-clutter"``, ``"union"``).
+            ``"digits-on-clutter"``, ``"shapes-on-clutter"``, ``"union"``, ``"mnist-parity"``, ``"mnist-inverted"``).
         seed: fixes the split and, for generated domains, every image. Same seed, same dataset.
         num_samples: total size over the three splits (70/10/20). Real domains take a stratified subset and
             cannot exceed their size; generated domains render this many images; ``union`` shares it among
@@ -479,6 +507,24 @@ def _build_union(seed: int, num_samples: int) -> dict[str, _Arrays]:
     return union
 
 
+# --- source-side variants of mnist ------------------------------------------------------------------------
+
+
+def _build_mnist_parity(seed: int, num_samples: int) -> dict[str, _Arrays]:
+    # Split on the digits (as `mnist` does), then relabel: the same images land in the same splits.
+    return {
+        split: part._replace(labels=part.labels % 2)
+        for split, part in _build_mnist(seed, num_samples).items()
+    }
+
+
+def _build_mnist_inverted(seed: int, num_samples: int) -> dict[str, _Arrays]:
+    return {
+        split: part._replace(images=255 - part.images)
+        for split, part in _build_mnist(seed, num_samples).items()
+    }
+
+
 _BUILDERS: dict[str, Callable[[int, int], dict[str, _Arrays]]] = {
     "mnist": _build_mnist,
     "digits": _build_digits,
@@ -486,4 +532,6 @@ _BUILDERS: dict[str, Callable[[int, int], dict[str, _Arrays]]] = {
     "digits-on-clutter": _build_digits_on_clutter,
     "shapes-on-clutter": _build_shapes_on_clutter,
     "union": _build_union,
+    "mnist-parity": _build_mnist_parity,
+    "mnist-inverted": _build_mnist_inverted,
 }
