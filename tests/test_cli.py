@@ -206,6 +206,26 @@ def test_explain_accepts_any_mode_and_size_and_refuses_bombs(models, capsys, mon
     assert info.value.code == 2 and "too large to open safely" in capsys.readouterr().err
 
 
+def test_explain_can_refine_the_single_pass_with_kernel_shap(models, capsys):
+    root = models
+    Image.new("RGB", (16, 16), color=(200, 30, 90)).save(root / "a.png")
+    Image.effect_noise((16, 16), 60).convert("RGB").save(root / "b.png")
+    files = [str(root / "a.png"), str(root / "b.png")]
+    assert main(["explain", "--model", str(root / "se"), *files, "--output-dir", str(root / "single")]) == 0
+    command = ["explain", "--model", str(root / "se"), *files, "--refine-budget", "34"]
+    assert main([*command, "--output-dir", str(root / "refined")]) == 0
+    single = json.loads((root / "single" / "predictions.json").read_text())
+    refined = json.loads((root / "refined" / "predictions.json").read_text())
+    assert [r["explanation"] for r in single] == ["single pass"] * 2
+    assert [r["explanation"] for r in refined] == ["Kernel SHAP, 34 evaluations, prior: the single pass"] * 2
+    assert [r["class_index"] for r in refined] == [r["class_index"] for r in single]  # same predictions
+    noisy = [Image.open(root / d / "b_explanation.png") for d in ("single", "refined")]
+    assert noisy[0].tobytes() != noisy[1].tobytes()  # another map over the same image
+    with pytest.raises(SystemExit) as info:
+        main([*command[:-1], "1", "--output-dir", str(root / "bad")])
+    assert info.value.code == 2 and "--refine-budget must be 0" in capsys.readouterr().err
+
+
 def test_apply_fits_alpha_on_unlabelled_images_and_stores_a_compact_vector(models, capsys):
     root = models
     common = ["--self-explaining", str(root / "se"), "--prediction-only", str(root / "po")]
