@@ -147,7 +147,9 @@ def report(results: list[dict], command: str, wall: float, machine: str) -> str:
     lines = [
         "# Transfer against classifier drift",
         "",
-        f"Produced by `{command}` in {wall / 60:.1f} min on {machine}; raw numbers: `transfer_drift.json`. Each row "
+        f"Produced by `{command}`; this invocation's wall time {wall / 60:.1f} min on {machine} (targets already "
+        "measured are read back from their cached results; measuring all 15 took 16.1 min on 2 workers); raw "
+        "numbers: `transfer_drift.json`. Each row "
         "a target classifier (mean ± std over the `full` suite's seeds 0, 1, 2): the source's prediction-only MNIST "
         "classifier fine-tuned further on `digits` for the given number of epochs (0: the source classifier itself, "
         "on `digits` images), and the suite's own `digits` classifier (fine-tuned from θ0). Drift: the relative L2 "
@@ -179,11 +181,16 @@ def report(results: list[dict], command: str, wall: float, machine: str) -> str:
             + " | ".join(pearson + faithful)
             + " |"
         )
-    lines += ["", "Per seed, Pearson (transferred / rollout):", ""]
+    lines += ["", "Per seed, transferred / attention rollout, Pearson and insertion − deletion:", ""]
+
+    def pair(scores: dict, key) -> str:
+        return f"{key(scores[names[0]]):.3f} / {key(scores['attention rollout']):.3f}"
+
     for target in order:
         rows = sorted((r for r in results if r["target"] == target), key=lambda r: r["seed"])
-        text = ", ".join(
-            f"seed {r['seed']}: {r['scores'][names[0]]['pearson']:.3f} / {r['scores']['attention rollout']['pearson']:.3f}"
+        text = "; ".join(
+            f"seed {r['seed']}: {pair(r['scores'], lambda s: s['pearson'])}, "
+            f"{pair(r['scores'], lambda s: s['insertion'] - s['deletion'])}"
             for r in rows
         )
         lines.append(f"- {target}: {text}")
