@@ -81,12 +81,12 @@ def solve_ridge_gcv(
         centred = (prior - prior.mean(-1, keepdim=True)).transpose(1, 2)  # (B, n, C)
         along = coalitions @ centred  # (B, M, C): what the prior's shape predicts for each coalition
         weighted_along = weights.unsqueeze(-1) * along
-        scale = (weighted_along * target).sum(1) / (weighted_along * along).sum(1).clamp_min(1e-300)
-        scale = scale.clamp_min(0.0).unsqueeze(1)  # (B, 1, C)
-        equal_split = equal_split + scale * centred  # (B, n, C)
-        target = target - scale * along
+        fitted = (weighted_along * target).sum(1) / (weighted_along * along).sum(1).clamp_min(1e-300)
+        fitted = fitted.clamp_min(0.0).unsqueeze(1)  # a, (B, 1, C)
+        equal_split = equal_split + fitted * centred  # (B, n, C)
+        target = target - fitted * along
         # Where the prior got a = 0 the fit is exactly the one without a prior (same grid, same score).
-        grid, prior_dof = PRIOR_RIDGE_GRID, (scale > 0).to(torch.float64)  # the scale: one more parameter
+        grid, prior_dof = PRIOR_RIDGE_GRID, (fitted > 0).to(torch.float64)  # a: one more fitted parameter
     weighted = design.mT * weights.unsqueeze(1)
     eigenvalues, eigenvectors = torch.linalg.eigh(weighted @ design)  # (B, n - 1), (B, n - 1, n - 1)
     projected = eigenvectors.mT @ (weighted @ target)  # (B, n - 1, C)

@@ -66,11 +66,9 @@ def _cmd_explain(args: argparse.Namespace) -> None:
     legend = ["red: for the class, blue: against" if trained else "untrained map: means nothing"]
     if args.refine_budget:  # Kernel SHAP: meaningful whatever the prior (GCV decides how far to trust it)
         legend = ["red: for the class, blue: against", f"refined: {args.refine_budget} evaluations"]
-    method = (
-        f"Kernel SHAP, {args.refine_budget} evaluations, prior: the single pass"
-        if args.refine_budget
-        else ("single pass")
-    )
+    method = "single pass"
+    if args.refine_budget:
+        method = f"Kernel SHAP, {args.refine_budget} evaluations, prior: the single pass"
     results, failures, used = [], [], set()
     paths = list(args.images)
     for start in range(0, len(paths), args.batch_size):
