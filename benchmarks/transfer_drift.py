@@ -81,6 +81,8 @@ def target_model(experiment, seed: int, epochs: int | None, cache: Path) -> Path
 
 def measure(seed: int, epochs: int | None, cache: str) -> dict[str, Any]:
     torch.set_num_threads(1)
+    from classifier_distance import relative_distance
+
     from selfexplain import ViTForSelfExplainingClassification
     from selfexplain.evaluation import explainers
     from selfexplain.experiments.experiment import _as_plain_classifier, _patched
@@ -98,7 +100,7 @@ def measure(seed: int, epochs: int | None, cache: str) -> dict[str, Any]:
     source = ViTForSelfExplainingClassification.from_pretrained(
         experiment.work / f"seed{seed}" / "mnist-prediction_only"
     )
-    drift = _relative_distance(model, source)
+    drift = relative_distance(model.state_dict(), source.state_dict(), ("vit.", "classifier."))
     test = experiment.dataset("digits", seed, "test", cfg.num_eval)
     x, labels = experiment.pixels(test), torch.tensor(test["label"])
     with torch.inference_mode():
@@ -128,17 +130,6 @@ def measure(seed: int, epochs: int | None, cache: str) -> dict[str, Any]:
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def _relative_distance(model, source) -> float:
-    """‖θ − θ_source‖ / ‖θ_source‖ over the backbone (`vit.*`) and the classifier."""
-    theirs = source.state_dict()
-    squared = total = 0.0
-    for name, tensor in model.state_dict().items():
-        if name.startswith(("vit.", "classifier.")) and name in theirs:
-            squared += float((tensor - theirs[name]).double().square().sum())
-            total += float(theirs[name].double().square().sum())
-    return (squared / total) ** 0.5
 
 
 def report(results: list[dict], command: str, wall: float, machine: str) -> str:
