@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from kernel_shap_ridge import reference_pair
 
 from selfexplain import ViTForSelfExplainingClassification
 from selfexplain.attribution.shapley import kernel_shap_values
@@ -76,25 +76,12 @@ def priors(experiment: Experiment, seed: int, domain: str, model, x: torch.Tenso
 
 
 def reference(experiment: Experiment, model, x, classes, seed: int, domain: str, budget: int) -> dict:
-    """The two reference runs of `kernel_shap_ridge.py` (same cache file, same seeds), computed when missing."""
+    """The two reference runs of `kernel_shap_ridge.py` (its cache file and seeds), computed when missing."""
     # kernel_shap_ridge.py's file for its default 16 images; other counts get their own.
     count = "" if len(x) == 16 else f"-{len(x)}images"
     cache = experiment.work / "kernel_shap_ridge" / f"seed{seed}-{domain}-{budget}{count}.safetensors"
-    rows = torch.arange(len(x))
-    if not cache.exists():
-        runs = {}
-        for name, offset in (("first", 10_000), ("second", 20_000)):
-            phi = kernel_shap_values(
-                model, x, grid=GRID, budget=budget, baseline="mean", sampler="leverage",
-                seed=[offset + i for i in rows.tolist()],
-            )  # fmt: skip
-            runs[name] = phi[rows, classes].flatten(1).to(torch.float64).contiguous()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file(runs, str(cache))
-    pair = load_file(cache)
-    if pair["first"].shape[0] != len(x):
-        raise RuntimeError(f"{cache} holds {pair['first'].shape[0]} images, not {len(x)}: delete it.")
-    return pair
+    first, second = reference_pair(model, x, classes, budget, cache)
+    return {"first": first, "second": second}
 
 
 def curves(model, x, classes, maps, ref, budgets, seeds) -> dict:

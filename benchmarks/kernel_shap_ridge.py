@@ -39,21 +39,35 @@ CONTENDERS = {
 }
 
 
+def _explained(model, x, classes, budget: int, seed, **settings) -> torch.Tensor:
+    """``(B, 64)`` float64 Kernel SHAP values of each image's class ``classes[i]`` on the 8×8 grid."""
+    phi = kernel_shap_values(model, x, grid=(8, 8), budget=budget, baseline="mean", seed=seed, **settings)
+    return phi[torch.arange(len(x)), classes].flatten(1).to(torch.float64)
+
+
+def reference_pair(model, x, classes, budget: int, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two Leverage SHAP runs at ``budget`` (image seeds 10000+i and 20000+i), read from ``cache`` when there;
+    also the reference of `kernel_shap_prior.py`."""
+    if cache.exists():
+        pair = load_file(cache)
+        if pair["first"].shape[0] != len(x):
+            raise RuntimeError(f"{cache} holds {pair['first'].shape[0]} images, not {len(x)}: delete it.")
+        return pair["first"], pair["second"]
+    rows = torch.arange(len(x)).tolist()
+    first = _explained(model, x, classes, budget, [10_000 + i for i in rows], sampler="leverage")
+    second = _explained(model, x, classes, budget, [20_000 + i for i in rows], sampler="leverage")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"first": first.contiguous(), "second": second.contiguous()}, str(cache))
+    return first, second
+
+
 def measure(model, x, classes, budgets, seeds, reference_budget, cache: Path) -> dict:
     rows = torch.arange(len(x))
 
     def explained(budget: int, seed, **settings) -> torch.Tensor:
-        phi = kernel_shap_values(model, x, grid=(8, 8), budget=budget, baseline="mean", seed=seed, **settings)
-        return phi[rows, classes].flatten(1).to(torch.float64)
+        return _explained(model, x, classes, budget, seed, **settings)
 
-    if cache.exists():
-        pair = load_file(cache)
-        first, second = pair["first"], pair["second"]
-    else:
-        first = explained(reference_budget, [10_000 + i for i in rows.tolist()], sampler="leverage")
-        second = explained(reference_budget, [20_000 + i for i in rows.tolist()], sampler="leverage")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"first": first.contiguous(), "second": second.contiguous()}, str(cache))
+    first, second = reference_pair(model, x, classes, reference_budget, cache)
     reference = (first + second) / 2
     out = {"reference_seeds_agree": float(metrics.pearson(first, second).nanmean()), "curves": {}}
     for name, settings in CONTENDERS.items():
