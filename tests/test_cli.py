@@ -264,6 +264,26 @@ def test_apply_fits_alpha_on_unlabelled_images_and_stores_a_compact_vector(model
     assert not (root / "v2").exists()
 
 
+def test_packaged_bases_load_and_name_the_command_that_made_them():
+    import json
+
+    from transformers import ViTForImageClassification
+
+    from selfexplain.experiments.experiment import PACKAGED_BASES, packaged_base
+
+    assert PACKAGED_BASES[0] == "patch4-union"  # the demo's
+    for name in PACKAGED_BASES:
+        path = packaged_base(name)
+        model = ViTForImageClassification.from_pretrained(path)
+        assert (model.config.image_size, model.config.patch_size, model.config.hidden_size) == (32, 4, 64)
+        metrics = json.loads((path / "pretraining_metrics.json").read_text())
+        # the command regenerates this very folder, and the recorded run is the one shipped
+        assert f"--output-dir src/selfexplain/experiments/bases/{name} " in metrics["command"]
+        assert metrics["output_dir"].endswith(name) and 0.0 < metrics["eval_accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="patch4-union-96ep"):
+        packaged_base("patch4-union-1000ep")
+
+
 def test_packaged_suites_load_and_an_unknown_name_lists_them(capsys):
     from selfexplain.cli.experiments import packaged_config, packaged_suites
     from selfexplain.experiments.experiment import ExperimentConfig
@@ -274,6 +294,7 @@ def test_packaged_suites_load_and_an_unknown_name_lists_them(capsys):
         config = ExperimentConfig.from_json_file(packaged_config(name))
         # a suite's name is its file's, and its outputs are its own (two suites never share a work folder)
         assert config.name == name and config.output_dir == f"outputs/{name}"
+        assert config.grid() == (8, 8)  # reads the base it names (a packaged one must ship with the package)
     assert ExperimentConfig.from_json_file(packaged_config("full")).explanation_head == "extension"
     with pytest.raises(SystemExit) as info:
         main(["experiment", "--config", "no_such_suite"])

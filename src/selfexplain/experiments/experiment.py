@@ -846,7 +846,7 @@ def _as_plain_classifier(model: ViTForSelfExplainingClassification):
 
 #: Bases θ0 shipped with the package (``experiments/bases/<name>``), each with the command that made it in its
 #: ``pretraining_metrics.json``: the demo starts from one instead of spending its minutes on pre-training.
-PACKAGED_BASES = ("patch4-union",)
+PACKAGED_BASES = ("patch4-union", "patch4-union-36ep", "patch4-union-96ep")
 
 
 def packaged_base(name: str) -> Path:
