@@ -6,7 +6,7 @@ classifier's backbone from the base θ0 it was fine-tuned from (‖θ − θ0‖
 
     python benchmarks/classifier_distance.py      # writes docs/results/classifier_distance.md
 
-Needs finished suites (`selfexplain experiment --config full`, `--config gentle_finetune`); reads weights only.
+Needs finished suites (`selfexplain experiment --config <suite>` for each of `--suites`); reads weights only.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from selfexplain.experiments.experiment import Experiment, ExperimentConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suites", nargs="+", default=["full", "gentle_finetune"])
+    parser.add_argument("--suites", nargs="+", default=["full", "gentle_finetune", "base36ep", "base96ep", "base96ep_gentle"])
     parser.add_argument("--source", default="mnist")
     parser.add_argument("--target", default="digits")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "classifier_distance.md"))
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         train = experiment.config.train
-        rows.append((suite, train.get("learning_rate"), train.get("num_epochs"), per_seed))
+        base = experiment.config.base.get("packaged", "one per seed")
+        rows.append((suite, base, train.get("learning_rate"), train.get("num_epochs"), per_seed))
 
     def cell(values: list[float]) -> str:
         text = f"{statistics.mean(values):.3f}"
@@ -91,14 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         f"`{args.target} ↔ {args.source}`: the two prediction-only classifiers, backbone and head; `from θ0`: the "
         "backbone of each against the base it was fine-tuned from.",
         "",
-        f"| suite | fine-tuning lr, epochs | {args.target} ↔ {args.source} | {args.source} from θ0 | "
+        f"| suite | θ0 | fine-tuning lr, epochs | {args.target} ↔ {args.source} | {args.source} from θ0 | "
         f"{args.target} from θ0 |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
-    for suite, lr, epochs, per_seed in rows:
+    for suite, base, lr, epochs, per_seed in rows:
         columns = list(zip(*per_seed, strict=True))
         cells = [f"{cell(list(c))} ({', '.join(f'{v:.3f}' for v in c)})" for c in columns]
-        lines.append(f"| {suite} | {lr:g}, {epochs} | " + " | ".join(cells) + " |")
+        lines.append(f"| {suite} | `{base}` | {lr:g}, {epochs} | " + " | ".join(cells) + " |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
