@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     from selfexplain.experiments.experiment import Experiment, ExperimentConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suites", nargs="+", default=["full", "gentle_finetune", "base36ep", "base96ep", "base96ep_gentle"])
+    parser.add_argument(
+        "--suites", nargs="+", default=["full", "gentle_finetune", "base36ep", "base96ep", "base96ep_gentle"]
+    )
     parser.add_argument("--source", default="mnist")
     parser.add_argument("--target", default="digits")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "classifier_distance.md"))
