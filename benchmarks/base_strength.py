@@ -9,7 +9,7 @@ prediction-only classifier is fine-tuned with the `full` suite's recipe (2,000 t
 
     python benchmarks/base_strength.py      # writes docs/results/base_strength.md (+ .json)
 
-Classifiers are cached under `outputs/base_strength/` (a rerun only scores).
+Classifiers and their scores are cached under `outputs/base_strength/` (a rerun reads them back).
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def report(results: list[dict], command: str, wall: float, machine: str) -> str:
         "",
         f"Produced by `{command}` ({wall / 60:.1f} min wall on {machine}; seeds {seeds}; "
         f"{sum(r['train_cpu_s'] for r in results) / 60:.0f} CPU-min of fine-tuning when the classifiers were "
-        "trained, cached under `outputs/base_strength/`: a rerun only scores). Each classifier is "
+        "trained; classifiers and scores are cached under `outputs/base_strength/`, which a rerun reads back). "
+        "Each classifier is "
         "fine-tuned from the base with the `full` suite's recipe (2,000 training images, 10 epochs, learning rate "
         "1e-3) and scored on 500 test images of its domain; distance: the backbone's relative L2 distance from "
         "θ0. With several seeds, mean ± std.",
