@@ -254,6 +254,34 @@ def interleaved_times(
     return times
 
 
+def run_and_write(
+    measure: Callable[..., Any],
+    jobs: Sequence[tuple],
+    shared: Any,
+    workers: int,
+    out: str | Path,
+    command: str,
+    render: Callable[[list, str, float, str], str],
+) -> None:
+    """Run ``measure(*job, shared)`` for every job in ``workers`` spawned processes (one thread each), then write
+    the results to ``out`` + ``.json`` and ``render(results, command, wall_s, machine)`` to ``out`` + ``.md``."""
+    import json
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from selfexplain.experiments.experiment import _environment
+
+    started = time.perf_counter()
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        results = list(pool.map(measure, *zip(*jobs, strict=True), [shared] * len(jobs)))
+    wall = time.perf_counter() - started
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(render(results, command, wall, _environment(workers)["machine"]))
+    print(out.with_suffix(".md").read_text())
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

@@ -19,12 +19,11 @@ import json
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import run_and_write
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "src" / "selfexplain" / "experiments" / "configs" / "full.json"
@@ -137,18 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as in the workers, so that the report names the threads that did the work
     jobs = [(base, domain, seed) for seed in args.seeds for base in BASES for domain in DOMAINS]
-    started = time.perf_counter()
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        results = list(pool.map(measure, *zip(*jobs, strict=True), [args.cache] * len(jobs)))
-    wall = time.perf_counter() - started
-    from selfexplain.experiments.experiment import _environment
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     command = "python benchmarks/base_strength.py" + (" " + " ".join(argv) if argv else "")
-    out.with_suffix(".md").write_text(report(results, command, wall, _environment(args.workers)["machine"]))
-    print(out.with_suffix(".md").read_text())
+    run_and_write(measure, jobs, args.cache, args.workers, args.out, command, report)
     return 0
 
 
