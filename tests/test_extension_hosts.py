@@ -168,3 +168,38 @@ def test_a_suite_trains_each_host_once_per_seed_before_the_sources_and_never_hos
         ExperimentConfig(**settings, extension_hosts=["digits"])
     with pytest.raises(ValueError, match="trainable"):
         ExperimentConfig(**{**settings, "trainable": "all"}, extension_hosts=["shapes-on-clutter"])
+
+
+def test_a_replica_host_is_another_fine_tune_of_the_same_images_with_another_seed(tmp_path):
+    """`"mnist@1"` beside the source `mnist`: an independent fine-tune of the source's own domain (the kind of
+    difference between a source's and a target's classifier), trained on mnist's images with another seed."""
+    from selfexplain.experiments.experiment import (
+        REPLICA_SEED_STRIDE,
+        Experiment,
+        ExperimentConfig,
+        host_domain,
+    )
+
+    assert host_domain("mnist") == ("mnist", 0) and host_domain("mnist@2") == ("mnist", 2)
+    settings = dict(name="t", sources=["mnist"], targets=["digits"], trainable="extension")
+    for bad in ("mnist@0", "mnist@x", "@1", "mnist@"):
+        with pytest.raises(ValueError, match="positive integer"):
+            ExperimentConfig(**settings, extension_hosts=[bad])
+    with pytest.raises(ValueError, match="targets"):  # a replica of a target is the target's images
+        ExperimentConfig(**settings, extension_hosts=["digits@1"])
+
+    config = ExperimentConfig(
+        **settings, extension_hosts=["mnist@1"], output_dir=str(tmp_path / "suite"), num_train=64,
+        base={"image_size": 16, "patch_size": 4}, train={"num_epochs": 1, "batch_size": 32},
+    )  # fmt: skip
+    experiment = Experiment(config, log=lambda message: None)
+    tiny_classifier(seed=0).save_pretrained(tmp_path / "suite" / "work" / "seed0" / "base")
+    plain, replica = experiment.finetune(0, "mnist", 0.0), experiment.finetune(0, "mnist@1", 0.0)
+    assert replica.name == "mnist@1-prediction_only"
+    recorded = [TrainingConfig.from_json_file(path / "training_config.json") for path in (plain, replica)]
+    assert [c.seed for c in recorded] == [0, REPLICA_SEED_STRIDE]
+    assert [c.source_dataset for c in recorded] == ["builtin:mnist"] * 2
+    weights = [load_file(str(path / "model.safetensors")) for path in (plain, replica)]
+    assert weights[0].keys() == weights[1].keys()
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert experiment.units()[("source", 0, "mnist")] == [("base", 0, ""), ("host", 0, "mnist@1")]

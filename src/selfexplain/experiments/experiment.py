@@ -93,6 +93,9 @@ class ExperimentConfig:
     explanation_train: dict[str, Any] = field(default_factory=dict)
     # With trainable "extension": domains whose prediction-only models (fine-tuned from the same θ0) the extension
     # also learns to explain, each on its own images (`TrainingConfig.extension_hosts`). Never a target.
+    # "<domain>@<k>" (k ≥ 1) is a *replica*: another fine-tune of that domain on the same images with another
+    # training seed (`host_domain`), e.g. "mnist@1" beside the source "mnist": an independent fine-tune of the
+    # source's own domain, the kind of difference that separates a source's classifier from a target's.
     extension_hosts: list[str] = field(default_factory=list)
     # Kernel SHAP values (references, budget curves) are cached here, keyed by everything they depend on (the
     # weights the logits read, the images, grid, budget, baseline, seed and the estimator's code), so that suites
@@ -148,7 +151,9 @@ class ExperimentConfig:
             )
         if self.extension_hosts and self.trainable != "extension":
             raise ValueError('extension_hosts need trainable "extension" (they train an extension only).')
-        leaked = sorted(set(self.extension_hosts) & set(self.targets))
+        for host in self.extension_hosts:
+            host_domain(host)  # a clear error for a malformed replica now, not after hours of work
+        leaked = sorted(h for h in self.extension_hosts if host_domain(h)[0] in self.targets)
         if leaked:
             raise ValueError(
                 f"extension_hosts {leaked} are targets: a vector must not have learnt from a target's model."
@@ -240,6 +245,7 @@ class Experiment:
     def finetune(self, seed: int, domain: str, explanation_weight: float, targets_ds=None) -> Path:
         kind = "self_explaining" if explanation_weight > 0 else "prediction_only"
         path = self.work / f"seed{seed}" / f"{domain}-{kind}"
+        data_domain, replica = host_domain(domain)  # "mnist@1": mnist's images, another training seed
         base = self.base(seed)  # first, so that the log reads in the order things happen
         head = {}
         if explanation_weight > 0:
@@ -275,15 +281,16 @@ class Experiment:
         hosts = [d for d in self.config.extension_hosts if d != domain] if explanation_weight > 0 else []
         if hosts:
             objective["extension_hosts"] = [
-                {"model": str(self.finetune(seed, d, 0.0)), "data": f"builtin:{d}"} for d in hosts
+                {"model": str(self.finetune(seed, d, 0.0)), "data": f"builtin:{host_domain(d)[0]}"}
+                for d in hosts
             ]
         config = TrainingConfig(
             base=str(base),
             output_dir=str(path),
             explanation_loss_weight=explanation_weight,
             explanation_loss=self.config.explanation_loss,
-            seed=seed,
-            source_dataset=f"builtin:{domain}",
+            seed=seed + replica * REPLICA_SEED_STRIDE,
+            source_dataset=f"builtin:{data_domain}",
             targets_info=self.targets_info() if explanation_weight > 0 and not objective else None,
             **objective,
             **head,
@@ -296,10 +303,12 @@ class Experiment:
         train_ds = (
             targets_ds
             if targets_ds is not None
-            else self.dataset(domain, seed, "train", self.config.num_train)
+            else self.dataset(data_domain, seed, "train", self.config.num_train)
         )
-        eval_ds = self.dataset(domain, seed, "validation", None)
-        host_data = [self.dataset(d, seed, "train", self.config.num_train) for d in hosts] or None
+        eval_ds = self.dataset(data_domain, seed, "validation", None)
+        host_data = [
+            self.dataset(host_domain(d)[0], seed, "train", self.config.num_train) for d in hosts
+        ] or None
         self._timed(
             f"train_{kind}",
             lambda: train(config, train_ds, eval_ds, image_processor=self.processor, host_datasets=host_data),
@@ -854,6 +863,25 @@ def packaged_base(name: str) -> Path:
     if name not in PACKAGED_BASES:
         raise ValueError(f"Unknown packaged base {name!r}; the package has {PACKAGED_BASES}.")
     return Path(str(resources.files("selfexplain.experiments").joinpath("bases", name)))
+
+
+#: A replica host "<domain>@<k>" is fine-tuned with training seed ``seed + k * REPLICA_SEED_STRIDE`` (its head
+#: initialisation and batch order), on the same images as ``<domain>``'s own fine-tune of that seed.
+REPLICA_SEED_STRIDE = 1000
+
+
+def host_domain(name: str) -> tuple[str, int]:
+    """``(domain, replica)`` of an extension host's name: ``"mnist"`` → ``("mnist", 0)``, ``"mnist@2"`` →
+    ``("mnist", 2)``, another fine-tune of ``mnist`` on the same images with another training seed."""
+    domain, at, replica = name.partition("@")
+    if not at:
+        return name, 0
+    if not replica.isdigit() or int(replica) < 1 or not domain:
+        raise ValueError(
+            f"extension host {name!r}: a replica is written '<domain>@<k>' with k a positive integer "
+            f"(e.g. 'mnist@1')."
+        )
+    return domain, int(replica)
 
 
 def agreement(maps: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
