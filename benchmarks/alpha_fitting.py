@@ -1,7 +1,7 @@
 """Choosing α without labels: the source's global α vs `fit_alpha` (global and per block) on the transfer suite, for
 single-source, merged and union-trained vectors.
 
-Built on a finished suite (`selfexplain experiment --config full`, or `--config shared_head` with
+Built on a finished suite (`selfexplain experiment --config base12ep`, or `--config shared_head` with
 `--config shared_head`): its target models, vectors and the α
 each vector recommends (chosen on the source). For every seed and target, each vector is applied with
 - `source α`: the α recommended on the source (the paper's recipe),
@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--config",
-        default="full",
-        help="The suite (a name in selfexplain/experiments/configs): full, shared_head.",
+        default="base12ep",
+        help="The suite (a name in selfexplain/experiments/configs): base12ep, shared_head.",
     )
     parser.add_argument(
         "--output-dir", type=Path, default=None, help="The suite's output (default: its config's output_dir)."

@@ -2,7 +2,7 @@
 
 The packaged bases differ only in pre-training length (`patch4-union`: 12 epochs on `union`; `patch4-union-36ep`,
 `patch4-union-96ep`: 36 and 96; each one's `pretraining_metrics.json` has its command). For each base and domain a
-prediction-only classifier is fine-tuned with the `full` suite's recipe (2,000 training images, 10 epochs, batch
+prediction-only classifier is fine-tuned with the `base12ep` suite's recipe (2,000 training images, 10 epochs, batch
 64, learning rate 1e-3, no augmentation; the same code path as the suite's) and scored on the domain's test images
 (the suite's 500), with the relative L2 distance of its backbone from θ0 (‖θ − θ0‖ / ‖θ0‖ over `vit.*`, as in
 `classifier_distance.py`). The clutter domains are the ones the first base could not teach.
@@ -26,7 +26,7 @@ import torch
 from _common import run_and_write
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "src" / "selfexplain" / "experiments" / "configs" / "full.json"
+CONFIG = ROOT / "src" / "selfexplain" / "experiments" / "configs" / "base12ep.json"
 BASES = ("patch4-union", "patch4-union-36ep", "patch4-union-96ep")
 DOMAINS = ("mnist", "digits", "digits-on-clutter", "shapes-on-clutter")
 
@@ -82,7 +82,7 @@ def report(results: list[dict], command: str, wall: float, machine: str) -> str:
         f"{sum(r['train_cpu_s'] for r in results) / 60:.0f} CPU-min of fine-tuning when the classifiers were "
         "trained; classifiers and scores are cached under `outputs/base_strength/`, which a rerun reads back). "
         "Each classifier is "
-        "fine-tuned from the base with the `full` suite's recipe (2,000 training images, 10 epochs, learning rate "
+        "fine-tuned from the base with the `base12ep` suite's recipe (2,000 training images, 10 epochs, learning rate "
         "1e-3) and scored on 500 test images of its domain; distance: the backbone's relative L2 distance from "
         "θ0. With several seeds, mean ± std.",
         "",

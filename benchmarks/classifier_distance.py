@@ -3,6 +3,8 @@
 For each seed of each suite: the relative L2 distance of the target's prediction-only classifier from the source's
 (backbone and head, ‖θ_target − θ_source‖ / ‖θ_source‖: what `transfer_drift.py` calls drift), and of each
 classifier's backbone from the base θ0 it was fine-tuned from (‖θ − θ0‖ / ‖θ0‖ over `vit.*`; the head is new).
+For the suites of `--host-suites`, each extension host's classifier (e.g. a replica `mnist@1`: another fine-tune of
+the source's domain) against the source's, on the same scale.
 
     python benchmarks/classifier_distance.py      # writes docs/results/classifier_distance.md
 
@@ -48,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--suites", nargs="+", default=["full", "gentle_finetune", "base36ep", "base96ep", "base96ep_gentle"]
+        "--suites",
+        nargs="+",
+        default=["base12ep", "gentle_finetune", "base36ep", "base96ep", "base96ep_gentle"],
     )
+    parser.add_argument("--host-suites", nargs="*", default=["full_replica_hosts2"])
     parser.add_argument("--source", default="mnist")
     parser.add_argument("--target", default="digits")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "classifier_distance.md"))
@@ -82,6 +87,24 @@ def main(argv: list[str] | None = None) -> int:
         base = experiment.config.base.get("packaged", "one per seed")
         rows.append((suite, base, train.get("learning_rate"), train.get("num_epochs"), per_seed))
 
+    host_rows = []
+    for suite in args.host_suites:
+        experiment = Experiment(
+            ExperimentConfig.from_json_file(CONFIGS / f"{suite}.json"), log=lambda m: None
+        )
+        for host in experiment.config.extension_hosts:
+            per_seed = []
+            for seed in experiment.config.seeds:
+                work = experiment.work / f"seed{seed}"
+                paths = [work / f"{d}-prediction_only" for d in (host, args.source)]
+                if not all((path / "config.json").exists() for path in paths):
+                    sys.exit(f"{suite}, seed {seed}: run `selfexplain experiment --config {suite}` first.")
+                host_state, source_state = (
+                    ViTForSelfExplainingClassification.from_pretrained(path).state_dict() for path in paths
+                )
+                per_seed.append(relative_distance(host_state, source_state, ("vit.", "classifier.")))
+            host_rows.append((suite, host, per_seed))
+
     def cell(values: list[float]) -> str:
         text = f"{statistics.mean(values):.3f}"
         return text + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
@@ -102,6 +125,19 @@ def main(argv: list[str] | None = None) -> int:
         columns = list(zip(*per_seed, strict=True))
         cells = [f"{cell(list(c))} ({', '.join(f'{v:.3f}' for v in c)})" for c in columns]
         lines.append(f"| {suite} | `{base}` | {lr:g}, {epochs} | " + " | ".join(cells) + " |")
+    if host_rows:
+        lines += [
+            "",
+            f"Extension hosts: each host's prediction-only classifier ↔ the source's (`{args.source}`), backbone and "
+            "head, the same measure as the first distance above.",
+            "",
+            f"| suite | host | host ↔ {args.source} |",
+            "|---|---|---|",
+        ]
+        for suite, host, per_seed in host_rows:
+            lines.append(
+                f"| {suite} | `{host}` | {cell(per_seed)} ({', '.join(f'{v:.3f}' for v in per_seed)}) |"
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

@@ -4,7 +4,7 @@ game it fits (the source head's probabilities vs the backbone's representation),
 tokens go (straight to the classifier, or through the classifier's own later blocks), per CPU-minute.
 
 Built on a finished `extension_last_block` suite (`selfexplain experiment --config extension_last_block`: the
-explanation extension on the final tokens with fresh coalitions every epoch, the `full` suite's former recipe, which
+explanation extension on the final tokens with fresh coalitions every epoch, the `base12ep` suite's former recipe, which
 these variants led away from): for each seed it reuses the suite's prediction-only MNIST classifier (frozen: every variant predicts exactly as it does), its Kernel SHAP
 reference (recomputed here with the suite's seeds on the same images: the classifier's logits are all a reference
 reads, so it is the reference of every variant) and the suite's Kernel SHAP budget curve (B*). Each variant trains
@@ -12,13 +12,13 @@ an extension on the same 2000 MNIST images with one change to the suite's recipe
 in-domain row: Pearson / Spearman / top-10 % with the reference (48 images), insertion and deletion AUC (500).
 
     python benchmarks/extension_ablation.py --seeds 0      # writes docs/results/extension_ablation.md (+ .json)
-    python benchmarks/extension_ablation.py --config full --seeds 0 1 2 --out docs/results/extension_ablation_full
+    python benchmarks/extension_ablation.py --config base12ep --seeds 0 1 2 --out docs/results/extension_ablation_full
 
-`--config full` runs the same on a finished `full` suite (its classifiers, references and budget curves) with the
+`--config base12ep` runs the same on a finished `base12ep` suite (its classifiers, references and budget curves) with the
 variants of :data:`FULL_VARIANTS`, each one change to *that* suite's recipe.
 
 Models and references are cached under `outputs/extension_ablation/` (`outputs/extension_ablation_full/` with
-`--config full`; a rerun only scores); `--workers 2` trains
+`--config base12ep`; a rerun only scores); `--workers 2` trains
 two variants at a time (one thread each).
 """
 
@@ -188,13 +188,13 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     ),
 }
 
-#: Variants of the `full` suite's recipe (`--config full`): two routed blocks reading block 1, pool 64, 30 epochs.
+#: Variants of the `base12ep` suite's recipe (`--config base12ep`): two routed blocks reading block 1, pool 64, 30 epochs.
 #: Transfer loses most to the change of classifier (docs/results/transfer_gap.md): these change what the
 #: extension reads and how much it can express.
 FULL_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "suite recipe": (
         {},
-        "the `full` suite's model, reused: two routed blocks reading block 1, pool 64, 30 epochs",
+        "the `base12ep` suite's model, reused: two routed blocks reading block 1, pool 64, 30 epochs",
     ),
     "3 blocks": ({"explanation_extension_layers": 3}, "capacity: a third extension block"),
     "input block 0": (
@@ -212,7 +212,7 @@ FULL_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
 
 
 def _variants(config: str) -> dict[str, tuple[dict[str, Any], str]]:
-    return FULL_VARIANTS if config == "full" else VARIANTS
+    return FULL_VARIANTS if config == "base12ep" else VARIANTS
 
 
 def _use_config(args) -> None:
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--config", default="extension_last_block", choices=["extension_last_block", "full"],
+        "--config", default="extension_last_block", choices=["extension_last_block", "base12ep"],
         help="the finished suite whose classifiers, references and recipe the variants change",
     )  # fmt: skip
     parser.add_argument("--suite-work", default=None, help="default: outputs/<config>/work")

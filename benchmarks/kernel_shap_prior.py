@@ -2,7 +2,7 @@
 
 A single-pass map need not be the last word: as the centre of Kernel SHAP's ridge penalty (rescaled to the
 evaluations, trusted as far as generalised cross-validation says) it can make a small budget do the work of a large
-one. This measures that on the `full` suite's classifiers, against the same converged references as
+one. This measures that on the `base12ep` suite's classifiers, against the same converged references as
 `kernel_shap_ridge.py` (the mean of two Leverage SHAP runs at 4,096 evaluations; cached there, computed here when
 missing), for every seed, the first ``--images`` test images and the predicted class:
 
@@ -18,7 +18,7 @@ budget, interpolated on log budget between the two budgets that bracket it, over
 
     python benchmarks/kernel_shap_prior.py     # writes docs/results/kernel_shap_prior.md (+ .json)
 
-Needs the suite's models (`selfexplain experiment --config full`).
+Needs the suite's models (`selfexplain experiment --config base12ep`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from selfexplain.experiments.experiment import Experiment, ExperimentConfig, _en
 from selfexplain.vectors import ExplanationVector
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "src" / "selfexplain" / "experiments" / "configs" / "full.json"
+CONFIG = ROOT / "src" / "selfexplain" / "experiments" / "configs" / "base12ep.json"
 GRID = (8, 8)
 NO_PRIOR = "no prior (equal split)"
 
@@ -142,7 +142,7 @@ def report(results: dict, command: str) -> str:
         f"(torch {results['environment']['torch']}). Raw numbers: `kernel_shap_prior.json`.",
         "",
         f'`kernel_shap_values(sampler="leverage", ridge="gcv", prior=map)` on the prediction-only classifiers of '
-        f"the `full` suite (seeds {results['seeds']}): 64 players (the 8×8 patch grid), mean-colour baseline, "
+        f"the `base12ep` suite (seeds {results['seeds']}): 64 players (the 8×8 patch grid), mean-colour baseline, "
         f"softmax probability of the predicted class, the first {results['images']} test images. Reference: the mean "
         f"of two Leverage SHAP runs at {results['reference_budget']:,} evaluations (the `kernel_shap_ridge` "
         f"benchmark's). Each cell: mean over {results['estimator_seeds']} estimator seeds, then mean ± std over "
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         for domain in ("mnist", "digits"):
             path = experiment.work / f"seed{seed}" / f"{domain}-prediction_only"
             if not (path / "config.json").exists():
-                sys.exit(f"{path} is missing: run `selfexplain experiment --config full` first.")
+                sys.exit(f"{path} is missing: run `selfexplain experiment --config base12ep` first.")
             model = ViTForSelfExplainingClassification.from_pretrained(path).eval()
             x = experiment.pixels(experiment.dataset(domain, seed, "test", args.images))
             with torch.inference_mode():

@@ -3,14 +3,14 @@ ridge (`kernel_shap_values(sampler=..., ridge=...)`), against a converged refere
 
 The plain least-squares fit has an error peak near 2n evaluations (n players; with paired sampling, n pairs for
 n - 1 unknowns); the ridge is meant to remove it and to leave large budgets alone. This measures both on real
-models: for every seed's prediction-only MNIST and `digits` classifier of a finished `full` suite, the first
+models: for every seed's prediction-only MNIST and `digits` classifier of a finished `base12ep` suite, the first
 ``--images`` test images, the predicted class; reference = the mean of two Leverage SHAP runs at
 ``--reference-budget`` evaluations (their agreement is reported); each contender at each budget with
 ``--seeds`` seeds. Measures: Pearson with the reference (what the suite's B* reads) and relative L2 error.
 
     python benchmarks/kernel_shap_ridge.py      # writes docs/results/kernel_shap_ridge.md (+ .json)
 
-Needs the suite's models (`selfexplain experiment --config full`); references are cached beside the output.
+Needs the suite's models (`selfexplain experiment --config base12ep`); references are cached beside the output.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from selfexplain.evaluation import metrics
 from selfexplain.experiments.experiment import Experiment, ExperimentConfig, _environment
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "src" / "selfexplain" / "experiments" / "configs" / "full.json"
+CONFIG = ROOT / "src" / "selfexplain" / "experiments" / "configs" / "base12ep.json"
 CONTENDERS = {
     "shap's design": {"sampler": "kernel"},
     "Leverage SHAP": {"sampler": "leverage"},
@@ -91,7 +91,7 @@ def report(results: dict, command: str) -> str:
         f"Produced by `{command}` in {results['wall_s'] / 60:.1f} min on {results['environment']['machine']} "
         f"(torch {results['environment']['torch']}). Raw numbers: `kernel_shap_ridge.json`.",
         "",
-        f"Models: the prediction-only classifiers of the `full` suite (seeds {results['seeds']}), 64 players (the "
+        f"Models: the prediction-only classifiers of the `base12ep` suite (seeds {results['seeds']}), 64 players (the "
         f"8×8 patch grid), mean-colour baseline, softmax probability of the predicted class, the first "
         f"{results['images']} test images. Reference: the mean of two Leverage SHAP runs at "
         f"{results['reference_budget']:,} evaluations (agreement between the two below). Every contender is "
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, domain in models.items():
             path = experiment.work / f"seed{seed}" / f"{domain}-prediction_only"
             if not (path / "config.json").exists():
-                sys.exit(f"{path} is missing: run `selfexplain experiment --config full` first.")
+                sys.exit(f"{path} is missing: run `selfexplain experiment --config base12ep` first.")
             model = ViTForImageClassification.from_pretrained(path).eval()
             x = experiment.pixels(experiment.dataset(domain, seed, "test", args.images))
             with torch.inference_mode():

@@ -139,7 +139,7 @@ def report(results: list[dict], command: str, wall: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suites", nargs="+", default=["full", "base96ep", "base96ep_gentle"])
+    parser.add_argument("--suites", nargs="+", default=["base12ep", "base96ep", "base96ep_gentle"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "reference_faithfulness"))
     args = parser.parse_args(argv)

@@ -2,14 +2,14 @@
 applied to `digits` classifiers fine-tuned at another image size from the same θ0, with the vector's position
 embeddings resized (`apply_explanation_vector(..., resize_position_embeddings=True)`).
 
-Built on a finished suite (`selfexplain experiment --config full`, or `--suite shared_head`): for each seed it reuses
+Built on a finished suite (`selfexplain experiment --config base12ep`, or `--suite shared_head`): for each seed it reuses
 the suite's θ0 and MNIST vector (and its recommended α). θ0's position embeddings are resized to the new patch
 grid the way transformers interpolates them, a prediction-only `digits` classifier is fine-tuned from it at the new
 size with the suite's recipe (as a user fine-tunes a 224 px backbone at 384 px), and the target is scored exactly
 like the suite's target rows — Kernel SHAP reference and budget curve on the new grid, attention rollout, Grad-CAM,
 insertion / deletion — next to the suite's own 32 px row for the same seed.
 
-    python benchmarks/resolution_transfer.py --suite full --size 48 --seeds 0 1 2
+    python benchmarks/resolution_transfer.py --suite base12ep --size 48 --seeds 0 1 2
     # writes docs/results/resolution_transfer.md (+ .json); models and results cached in outputs/resolution_transfer/
 
 `--workers 2` runs two seeds at a time (one thread each).
@@ -212,7 +212,7 @@ def report(rows: dict[int, dict[str, dict[str, Any]]], args, wall_s: float) -> s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", default="full", help="The suite whose θ0 and vectors are used.")
+    parser.add_argument("--suite", default="base12ep", help="The suite whose θ0 and vectors are used.")
     parser.add_argument("--suite-output", default=None, help="The suite's output_dir, if not its config's.")
     parser.add_argument("--size", type=int, default=48, help="The target's image size (px; patch size 4).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

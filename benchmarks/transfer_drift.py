@@ -13,8 +13,8 @@ classifier's.
 
     python benchmarks/transfer_drift.py      # writes docs/results/transfer_drift.md (+ .json)
 
-Needs a finished `selfexplain experiment --config full`; targets and results are cached under
-`outputs/full/work/transfer_drift/` (a rerun only renders).
+Needs a finished `selfexplain experiment --config base12ep`; targets and results are cached under
+`outputs/base12ep/work/transfer_drift/` (a rerun only renders).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from _common import run_and_write
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "src" / "selfexplain" / "experiments" / "configs" / "full.json"
+CONFIG = ROOT / "src" / "selfexplain" / "experiments" / "configs" / "base12ep.json"
 EPOCHS = (0, 1, 3, 10)
 FROM_THETA0 = "θ0 → digits (the suite's)"
 
@@ -139,7 +139,7 @@ def report(results: list[dict], command: str, wall: float, machine: str) -> str:
         f"Produced by `{command}`; this invocation's wall time {wall / 60:.1f} min on {machine} (targets already "
         "measured are read back from their cached results; measuring all 15 took 16.1 min on 2 workers); raw "
         "numbers: `transfer_drift.json`. Each row "
-        "a target classifier (mean ± std over the `full` suite's seeds 0, 1, 2): the source's prediction-only MNIST "
+        "a target classifier (mean ± std over the `base12ep` suite's seeds 0, 1, 2): the source's prediction-only MNIST "
         "classifier fine-tuned further on `digits` for the given number of epochs (0: the source classifier itself, "
         "on `digits` images), and the suite's own `digits` classifier (fine-tuned from θ0). Drift: the relative L2 "
         "distance of the target's weights (backbone and head) from the source classifier's. Pearson with a Kernel "
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     experiment = _experiment()
     for seed in args.seeds:
         if not (experiment.work / f"seed{seed}" / "mnist-vector").exists():
-            sys.exit(f"seed {seed}: run `selfexplain experiment --config full` first.")
+            sys.exit(f"seed {seed}: run `selfexplain experiment --config base12ep` first.")
     cache = str(experiment.work / "transfer_drift")
     jobs = [(seed, epochs) for seed in args.seeds for epochs in (*EPOCHS, None)]
     command = "python benchmarks/transfer_drift.py" + (" " + " ".join(argv) if argv else "")

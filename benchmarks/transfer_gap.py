@@ -1,6 +1,6 @@
 """Where does a transferred explanation lose its fidelity: the shift in images, or the shift in backbone?
 
-Built on a finished suite (`selfexplain experiment --config full`; `--suites` adds others trained on the same
+Built on a finished suite (`selfexplain experiment --config base12ep`; `--suites` adds others trained on the same
 classifiers, e.g. `extension_representation`). Per seed it takes the two frozen classifiers of one transfer pair —
 the source's (MNIST) and the target's (`digits`), both fine-tuned from the same θ0 — and crosses them with both
 image sets, a 2×2:
@@ -19,7 +19,7 @@ under "backbone shift only" is lost to the backbone, and the reverse to the imag
 backwards (on the source classifier) says whether the loss is symmetric.
 
     python benchmarks/transfer_gap.py                       # writes docs/results/transfer_gap.md (+ .json)
-    python benchmarks/transfer_gap.py --suites full extension_representation
+    python benchmarks/transfer_gap.py --suites base12ep extension_representation
 
 Per-seed results are cached under `outputs/transfer_gap/` (a rerun with the same models only renders; the record
 names the weight files it read by hash, and a retrained suite is recomputed); Kernel SHAP values go to the
@@ -171,7 +171,7 @@ def report(results: dict[int, dict[str, Any]], args, wall_s: float) -> str:
     cfg = _experiment(args.suites[0]).config
     command = (
         "python benchmarks/transfer_gap.py"
-        + (f" --suites {' '.join(args.suites)}" if args.suites != ["full"] else "")
+        + (f" --suites {' '.join(args.suites)}" if args.suites != ["base12ep"] else "")
         + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0, 1, 2] else "")
     )
     names = {
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--suites",
         nargs="+",
-        default=["full"],
+        default=["base12ep"],
         help="Suites whose extensions are scored; the first one's classifiers, images and references are used "
         "(the others must be trained on copies of the same classifiers).",
     )

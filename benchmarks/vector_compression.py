@@ -10,7 +10,7 @@ of the dense vector's gain.
 Layout read (what `selfexplain experiment` writes): ``WORK/seed{N}/{source}-vector/`` and
 ``WORK/seed{N}/{target}-prediction_only/``; the test images come from `selfexplain.data.load_builtin_domain`.
 
-    python benchmarks/vector_compression.py --work outputs/full/work --config full --pairs mnist:digits union:digits
+    python benchmarks/vector_compression.py --work outputs/base12ep/work --config base12ep --pairs mnist:digits union:digits
 
 Writes a Markdown table (with the command) to ``docs/results/vector_compression.md`` (``--output``).
 """
@@ -241,10 +241,10 @@ def render(rows: list[dict], command: str, elapsed: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--work", type=Path, default=Path("outputs/full/work"), help="the experiment's work folder"
+        "--work", type=Path, default=Path("outputs/base12ep/work"), help="the experiment's work folder"
     )
     parser.add_argument(
-        "--config", default="full", help="experiment config (name or JSON file): grid, AUC steps"
+        "--config", default="base12ep", help="experiment config (name or JSON file): grid, AUC steps"
     )
     parser.add_argument(
         "--pairs", nargs="+", default=None, help="source:target pairs (default: the config's)"
