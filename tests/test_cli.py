@@ -226,6 +226,23 @@ def test_explain_can_refine_the_single_pass_with_kernel_shap(models, capsys):
     assert info.value.code == 2 and "--refine-budget must be 0" in capsys.readouterr().err
 
 
+def test_explain_can_blend_the_single_pass_with_attention_rollout(models, capsys):
+    root = models
+    Image.effect_noise((16, 16), 60).convert("RGB").save(root / "n.png")
+    base = ["explain", "--model", str(root / "se"), str(root / "n.png")]
+    assert main([*base, "--output-dir", str(root / "one")]) == 0
+    assert main([*base, "--blend-rollout", "--output-dir", str(root / "blend")]) == 0
+    single = json.loads((root / "one" / "predictions.json").read_text())
+    blended = json.loads((root / "blend" / "predictions.json").read_text())
+    assert [r["explanation"] for r in blended] == ["single pass blended with attention rollout"]
+    assert blended[0]["class_index"] == single[0]["class_index"]
+    pictures = [Image.open(root / d / "n_explanation.png") for d in ("one", "blend")]
+    assert pictures[0].tobytes() != pictures[1].tobytes()
+    with pytest.raises(SystemExit) as info:
+        main([*base, "--blend-rollout", "--refine-budget", "34", "--output-dir", str(root / "both")])
+    assert info.value.code == 2 and "cannot be combined" in capsys.readouterr().err
+
+
 def test_apply_fits_alpha_on_unlabelled_images_and_stores_a_compact_vector(models, capsys):
     root = models
     common = ["--self-explaining", str(root / "se"), "--prediction-only", str(root / "po")]

@@ -5,7 +5,13 @@ import pytest
 import torch
 from transformers import ViTForImageClassification
 
-from selfexplain.evaluation.explainers import attention_rollout, grad_cam, patch_grid, random_explanation
+from selfexplain.evaluation.explainers import (
+    attention_rollout,
+    grad_cam,
+    patch_grid,
+    random_explanation,
+    standardized_blend,
+)
 from tests._tiny import tiny_config
 
 HOOK_DICTS = (
@@ -357,3 +363,54 @@ def test_random_explanation_is_reproducible_by_seed(images):
 def test_random_explanation_rejects_bad_grids(images, grid):
     with pytest.raises(ValueError, match="grid"):
         random_explanation(images, grid)
+
+
+def test_standardized_blend_is_the_mean_of_per_image_z_scores():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 4, 4, generator=generator), torch.rand(3, 4, 4, generator=generator)
+
+    def z(m):
+        flat = m.flatten(1)
+        return ((flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True)).view_as(m)
+
+    torch.testing.assert_close(standardized_blend(a, b), (z(a) + z(b)) / 2)
+    # A per-image affine change of either map (positive scale) leaves the blend as it was: nothing to calibrate.
+    scale, shift = (
+        torch.tensor([2.0, 0.1, 50.0])[:, None, None],
+        torch.tensor([-1.0, 3.0, 0.0])[:, None, None],
+    )
+    torch.testing.assert_close(standardized_blend(a * scale + shift, b), standardized_blend(a, b))
+    # A constant map carries no ranking: it contributes zeros, not NaNs.
+    flat = standardized_blend(a, torch.ones_like(a))
+    torch.testing.assert_close(flat, z(a) / 2)
+    # Blending a map with itself gives back its z-scores: the same ranking and the same Pearson with anything.
+    torch.testing.assert_close(standardized_blend(a, a), z(a))
+
+
+def test_standardized_blend_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least one map"):
+        standardized_blend()
+    with pytest.raises(ValueError, match="one shape"):
+        standardized_blend(torch.zeros(2, 4, 4), torch.zeros(2, 2, 8))
+
+
+def test_blend_with_rollout_blends_the_models_own_map_with_its_rollout(images):
+    from selfexplain import ViTForSelfExplainingClassification, blend_with_rollout
+
+    torch.manual_seed(0)
+    model = ViTForSelfExplainingClassification(tiny_config(num_labels=3)).eval()
+    with torch.no_grad():
+        out = model(images, explain="predicted")
+    expected = standardized_blend(out.explanation, attention_rollout(model, images))
+    torch.testing.assert_close(blend_with_rollout(model, images), expected)
+    # Another class explained: another map, the same rollout (it is class-agnostic).
+    other = (out.explained_classes + 1) % 3
+    with torch.no_grad():
+        theirs = model(images, explain=other).explanation
+    torch.testing.assert_close(
+        blend_with_rollout(model, images, explain=other),
+        standardized_blend(theirs, attention_rollout(model, images)),
+    )
+    assert not torch.allclose(blend_with_rollout(model, images, explain=other), expected)
+    with pytest.raises(TypeError, match="self-explaining model"):
+        blend_with_rollout(ViTForImageClassification(tiny_config(num_labels=3)), images)

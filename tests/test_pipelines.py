@@ -104,3 +104,15 @@ def test_image_classification_pipeline_agrees_with_image_explanation(applied_fol
         explained = explain(image, top_k=3, overlay=False)["labels"]
         assert [r["label"] for r in labels] == [r["label"] for r in explained]
         np.testing.assert_allclose([r["score"] for r in labels], [r["score"] for r in explained], atol=1e-5)
+
+
+def test_image_explanation_pipeline_can_blend_the_map_with_attention_rollout(applied_folder):
+    explain = transformers.pipeline("image-explanation", model=str(applied_folder))
+    model = ViTForSelfExplainingClassification.from_pretrained(applied_folder).eval()
+    image = _images()[2]
+    plain, blended = explain(image, overlay=False), explain(image, overlay=False, blend_rollout=True)
+    pixel_values = _processor()(images=image, return_tensors="pt")["pixel_values"]
+    expected = selfexplain.blend_with_rollout(model, pixel_values)[0].numpy()
+    np.testing.assert_allclose(blended["explanation"], expected, atol=1e-5)
+    assert not np.allclose(blended["explanation"], plain["explanation"])
+    assert blended["labels"] == plain["labels"]  # the blend changes the map, never the prediction

@@ -36,6 +36,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .evaluation.alpha_fitting import fit_alpha
+from .evaluation.explainers import blend_with_rollout, standardized_blend
 from .hub import publish_folder
 from .modeling_self_explaining_vit import (
     SelfExplainingImageClassifierOutput,
@@ -83,6 +84,7 @@ __all__ = [
     "add_explanation_targets",
     "apply_explanation_vector",
     "architecture_fingerprint",
+    "blend_with_rollout",
     "exact_shapley_values",
     "fit_alpha",
     "is_timm_config",
@@ -96,5 +98,6 @@ __all__ = [
     "pretrain_base",
     "publish_folder",
     "save_timm_checkpoint",
+    "standardized_blend",
     "train",
 ]

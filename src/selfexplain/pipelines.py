@@ -27,6 +27,7 @@ from transformers import Pipeline
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .evaluation.explainers import attention_rollout, standardized_blend
 from .modeling_self_explaining_vit import ViTForSelfExplainingClassification
 from .visualize import explanation_to_heatmap, overlay_heatmap
 
@@ -43,6 +44,11 @@ class ImageExplanationPipeline(Pipeline):
         explain ("predicted", an int class index or a label name; default "predicted"): the class explained.
         overlay (bool, default True): also return the overlay picture (`visualize.overlay_heatmap`, signed
             colours: red for the class, blue against it).
+        blend_rollout (bool, default False): return the model's map blended with its attention rollout
+            (`evaluation.explainers.blend_with_rollout`: per-image z-scores averaged, unitless; the overlay's red
+            and blue then mean above and below the image's average, not for and against the class). On the offline
+            suite this is more faithful than a *transferred* map alone on related domains, and less faithful
+            than an in-domain self-explaining map (docs/results/transfer_blend.md).
         timeout (float): as in `"image-classification"`, for images given as URLs.
 
     Returns, per image, a dict: `labels` (list of `{"label", "score"}`), `explained_label`, `explained_class`,
@@ -75,6 +81,7 @@ class ImageExplanationPipeline(Pipeline):
         explain: str | int | None = None,
         overlay: bool | None = None,
         timeout: float | None = None,
+        blend_rollout: bool | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         preprocess: dict[str, Any] = {}
         forward: dict[str, Any] = {}
@@ -83,6 +90,8 @@ class ImageExplanationPipeline(Pipeline):
             preprocess["timeout"] = timeout
         if explain is not None:
             forward["explain"] = self._class_index(explain)
+        if blend_rollout is not None:
+            forward["blend_rollout"] = bool(blend_rollout)
         if top_k is not None:
             if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
                 raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
@@ -119,14 +128,19 @@ class ImageExplanationPipeline(Pipeline):
         # picture reaches `postprocess` (the overlay is drawn at its resolution, not the model's input size).
         return {"pixel_values": inputs["pixel_values"].to(self.dtype), "images": [image]}
 
-    def _forward(self, model_inputs: dict[str, Any], explain: str | int = "predicted") -> dict[str, Any]:
+    def _forward(
+        self, model_inputs: dict[str, Any], explain: str | int = "predicted", blend_rollout: bool = False
+    ) -> dict[str, Any]:
         pixel_values = model_inputs["pixel_values"]
         if not isinstance(explain, str):
             explain = torch.full((len(pixel_values),), explain, dtype=torch.long, device=pixel_values.device)
         out = self.model(pixel_values=pixel_values, explain=explain)
+        explanation = out.explanation
+        if blend_rollout:
+            explanation = standardized_blend(explanation, attention_rollout(self.model, pixel_values))
         return {
             "logits": out.logits,
-            "explanation": out.explanation,
+            "explanation": explanation,
             "explained_classes": out.explained_classes,
             "images": model_inputs["images"],
         }
