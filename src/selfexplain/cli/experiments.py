@@ -145,7 +145,13 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         print(
             f"  {source} → {target} (α = {entry['alpha'][0]:g}): Pearson with Kernel SHAP {before['pearson']:.3f} → "
             f"{after['pearson']:.3f} (rollout {res['explainers']['attention_rollout']['pearson']:.3f}, Grad-CAM "
-            f"{res['explainers']['grad_cam']['pearson']:.3f}), insertion {before['insertion']:.3f} → "
+            f"{res['explainers']['grad_cam']['pearson']:.3f}"
+            + (
+                f"; blended with rollout {res['transfer'][source]['blend_with_rollout']['pearson']:.3f}"
+                if "blend_with_rollout" in res["transfer"][source]
+                else ""
+            )
+            + f"), insertion {before['insertion']:.3f} → "
             f"{after['insertion']:.3f}, deletion {before['deletion']:.3f} → {after['deletion']:.3f}, "
             f"accuracy {before['accuracy']:.3f} → {after['accuracy']:.3f}, predictions kept {after['top1_agreement']:.1%}"
         )

@@ -428,9 +428,8 @@ class Experiment:
         result["explainers"]["grad_cam"] = score(
             model, pool_to_player_grid(explainers.grad_cam(plain, x, predicted), grid)
         )
-        result["explainers"]["attention_rollout"] = score(
-            model, pool_to_player_grid(explainers.attention_rollout(plain, x), grid)
-        )
+        rollout = pool_to_player_grid(explainers.attention_rollout(plain, x), grid)
+        result["explainers"]["attention_rollout"] = score(model, rollout)
         result["explainers"]["random"] = score(model, explainers.random_explanation(x, grid, seed=seed))
         if crossover:
             result["kernel_shap"] = self.budget_curve(model, x, predicted, reference, seed)
@@ -441,7 +440,7 @@ class Experiment:
         result["transfer"] = {}
         for source in sources:
             vector = self.vector(seed, source)
-            sweep = {}
+            sweep, maps_at = {}, {}
             for alpha in cfg.alphas:
                 patched = _patched(model, vector, alpha, cfg.resize_position_embeddings)
                 with torch.inference_mode():
@@ -449,7 +448,8 @@ class Experiment:
                     select_agree = patched(x_sel, explain=None).logits.argmax(-1) == model(
                         x_sel, explain=None
                     ).logits.argmax(-1)
-                entry = score(patched, self.patch_map(patched, x, predicted, grid))
+                maps_at[_alpha_key(alpha)] = self.patch_map(patched, x, predicted, grid)
+                entry = score(patched, maps_at[_alpha_key(alpha)])
                 entry["accuracy"] = float((patched_pred == labels).float().mean())
                 entry["top1_agreement"] = float((patched_pred == predicted).float().mean())
                 # Label-free selection data: faithfulness on unlabelled validation images, own predictions.
@@ -473,6 +473,16 @@ class Experiment:
                 result["transfer"][source]["paired"] = paired_comparisons(
                     sweep[_alpha_key(recommended)], result["explainers"], seed=seed
                 )
+                # The transferred map blended with the target's rollout (nothing fitted): does the vector carry
+                # what rollout lacks? Scored like every map, and paired against rollout on the same images.
+                blended = score(
+                    model, explainers.standardized_blend(maps_at[_alpha_key(recommended)], rollout)
+                )
+                blended["paired_vs_rollout"] = paired_comparisons(
+                    blended, {"attention_rollout": result["explainers"]["attention_rollout"]}, seed=seed
+                )["attention_rollout"]
+                blended.pop("_per_image")
+                result["transfer"][source]["blend_with_rollout"] = blended
         _drop_per_image(result["explainers"])
         for transfer in result["transfer"].values():
             _drop_per_image(transfer["sweep"])
@@ -569,6 +579,10 @@ class Experiment:
             "attention_rollout": pool_to_player_grid(explainers.attention_rollout(plain, x), grid),
             "random": explainers.random_explanation(x, grid, seed=seed),
         }
+        # Last, so that the bootstrap draws of the comparisons above are those of suites run before it existed.
+        maps["blend_with_rollout"] = explainers.standardized_blend(
+            maps["self_explaining"], maps["attention_rollout"]
+        )
         scored = {name: self.score(se, x, m, reference, masks, se_classes) for name, m in maps.items()}
         paired = paired_comparisons(scored["self_explaining"], scored, seed=seed)
         _drop_per_image(scored)
@@ -736,8 +750,9 @@ class Experiment:
         raise ValueError(f"Unknown unit kind {kind!r}.")
 
     def heatmap_figure(self, path: str | Path) -> Path:
-        """Heatmaps of the first pair and seed: image, no transfer, with the vector, attention rollout, and the
-        Kernel SHAP reference, each scaled by its largest magnitude (red: for the class, blue: against)."""
+        """Heatmaps of the first pair and seed: image, no transfer, with the vector, attention rollout, their blend,
+        and the Kernel SHAP reference, each scaled by its largest magnitude (red: for the class, blue: against;
+        for the blend, above and below the image's mean)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -756,12 +771,15 @@ class Experiment:
         reference = self.kernel_shap(model, x, cfg.reference_budget, 10_000 + seed)[
             torch.arange(len(x)), predicted
         ]
-        rollout = explainers.attention_rollout(_as_plain_classifier(model), x)
+        rollout = pool_to_player_grid(explainers.attention_rollout(_as_plain_classifier(model), x), grid)
+        transferred = self.patch_map(patched, x, predicted, grid)
         columns = [
             ("image", None),
             ("no transfer (α = 0)", self.patch_map(model, x, predicted, grid)),
-            (f"vector from {source} (α = {alpha:g})", self.patch_map(patched, x, predicted, grid)),
-            ("attention rollout", pool_to_player_grid(rollout, grid)),
+            (f"vector from {source} (α = {alpha:g})", transferred),
+            ("attention rollout", rollout),
+            # z-scores: red and blue are above and below the image's mean here, not for and against
+            ("blend with rollout\n(above / below mean)", explainers.standardized_blend(transferred, rollout)),
             (f"Kernel SHAP ({cfg.reference_budget} evals)", reference),
         ]
         fig, axes = plt.subplots(

@@ -142,6 +142,7 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
         ]
 
     lines += _paired_section(results)
+    lines += _blend_section(results)
     lines += ["## Explainers on the target models (no vector)", "", _explainer_table(results), ""]
     lines += ["## α sweep", "", _sweep_table(results), "", "![metrics vs alpha](alpha_sweep.png)", ""]
     cross = crossover(results)
@@ -251,6 +252,44 @@ def _ci_text(entry: dict[str, Any] | None) -> str:
     low, high = entry["ci95"]
     star = "" if low <= 0 <= high else " *"
     return f"{entry['mean_diff']:+.3f} [{low:+.3f}, {high:+.3f}]{star}"
+
+
+def _blend_section(results: dict[str, Any]) -> list[str]:
+    """The transferred map blended with the target's attention rollout, beside both, per seed and pair."""
+    rows = []
+    for seed, per_target in results["per_seed"].items():
+        for target, res in sorted(per_target.items()):
+            rollout = res["explainers"]["attention_rollout"]
+            for source, transfer in sorted(res["transfer"].items()):
+                blend = transfer.get("blend_with_rollout")
+                if not blend:  # a unit computed before the blend was part of the suite
+                    continue
+                alpha = f"{transfer['recommended_alpha']:g}"
+                single = transfer["sweep"][alpha]
+                paired = blend["paired_vs_rollout"]
+                rows.append(
+                    f"| {seed} | {source} → {target} | {alpha} | {single['pearson']:.3f} | {rollout['pearson']:.3f} | "
+                    f"{blend['pearson']:.3f} | {single['insertion'] - single['deletion']:.3f} | "
+                    f"{rollout['insertion'] - rollout['deletion']:.3f} | "
+                    f"{blend['insertion'] - blend['deletion']:.3f} | "
+                    f"{_ci_text(paired['insertion_minus_deletion'])} | {_ci_text(paired['pearson'])} |"
+                )
+    if not rows:
+        return []
+    return [
+        "## Transferred map blended with attention rollout",
+        "",
+        "The transferred map (α recommended on the source) and the target's attention rollout, each standardised "
+        "per image and averaged (`selfexplain.standardized_blend`; nothing fitted): if the vector carried nothing "
+        "rollout lacks, the blend could not beat rollout. Pearson with the reference; insertion − deletion; and the "
+        "blend − rollout paired differences on the same images (95 % bootstrap CI, `*`: excludes 0).",
+        "",
+        "| seed | source → target | α | Pearson: transferred | rollout | blend | ins − del: transferred | rollout | "
+        "blend | blend − rollout: Δ(ins − del) [95% CI] | ΔPearson [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _paired_section(results: dict[str, Any]) -> list[str]:
