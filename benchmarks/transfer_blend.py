@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _suite import experiment, read_record, require, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "src" / "selfexplain" / "experiments" / "configs"
 MAPS = ("single_pass", "rollout", "blend")
 MAP_NAMES = {
     "single_pass": "single pass (ours)",
@@ -50,21 +50,9 @@ MAP_NAMES = {
 }
 
 
-def _experiment(suite: str):
-    from selfexplain.experiments.experiment import Experiment, ExperimentConfig
-
-    return Experiment(ExperimentConfig.from_json_file(CONFIGS / f"{suite}.json"), log=lambda message: None)
-
-
-def _require(path: Path, suite: str) -> Path:
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: run `selfexplain experiment --config {suite}` first.")
-    return path
-
-
 def cells(suite: str) -> list[tuple[str, str]]:
     """(source, domain) of every cell: (s, s) in-domain, (s, t) a transfer pair."""
-    cfg = _experiment(suite).config
+    cfg = experiment(suite).config
     return [(s, s) for s in cfg.sources] + [(s, t) for t in cfg.targets for s in cfg.sources]
 
 
@@ -73,13 +61,13 @@ def cell_name(source: str, domain: str) -> str:
 
 
 def _inputs(suite: str, seed: int) -> dict[str, str]:
-    work = _experiment(suite).work / f"seed{seed}"
+    work = experiment(suite).work / f"seed{seed}"
     files = {}
     for source, domain in cells(suite):
         names = [f"{source}-vector", f"{source}-self_explaining"] if source == domain else []
         names += [f"{domain}-prediction_only"]
         for name in names:
-            for path in sorted(_require(work / name, suite).glob("*.safetensors")):
+            for path in sorted(require(work / name, suite).glob("*.safetensors")):
                 files[f"{name}/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
     return files
 
@@ -88,11 +76,9 @@ def run_seed(seed: int, suite: str, cache: Path) -> dict[str, Any]:
     """{cell: {"maps": {map: scores}, "paired": {...}, "selected": map, "select_score": {map: ins − del}}}."""
     record = cache / f"seed{seed}-{suite}.json"
     inputs = _inputs(suite, seed)
-    if record.exists():
-        cached = json.loads(record.read_text())
-        if cached.pop("inputs", None) == inputs:
-            return cached
-        print(f"{record}: its models changed since it was written; recomputing", file=sys.stderr)
+    cached = read_record(record, inputs)
+    if cached is not None:
+        return cached
     import torch
 
     from selfexplain.evaluation import explainers
@@ -101,7 +87,7 @@ def run_seed(seed: int, suite: str, cache: Path) -> dict[str, Any]:
     from selfexplain.modeling_self_explaining_vit import pool_to_player_grid
 
     torch.set_num_threads(1)
-    exp = _experiment(suite)
+    exp = experiment(suite)
     cfg, grid = exp.config, exp.config.grid()
     work = exp.work / f"seed{seed}"
     out: dict[str, Any] = {}
@@ -110,11 +96,11 @@ def run_seed(seed: int, suite: str, cache: Path) -> dict[str, Any]:
         x = exp.pixels(test)
         x_sel = exp.pixels(exp.dataset(domain, seed, "validation", cfg.num_select))
         if source == domain:
-            model = host = exp.load(_require(work / f"{source}-self_explaining", suite))
+            model = host = exp.load(require(work / f"{source}-self_explaining", suite))
         else:
             alpha = exp.recommended_alpha(seed, source)
             vector = exp.vector(seed, source)
-            host = exp.load(_require(work / f"{domain}-prediction_only", suite))
+            host = exp.load(require(work / f"{domain}-prediction_only", suite))
             model = _patched(
                 exp.load(work / f"{domain}-prediction_only"), vector, alpha, cfg.resize_position_embeddings
             )
@@ -151,8 +137,7 @@ def run_seed(seed: int, suite: str, cache: Path) -> dict[str, Any]:
             "selected": max(select, key=select.get),
             "budget_curve": _budget_curve(exp, seed, source, domain),
         }
-    cache.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({**out, "inputs": inputs}, indent=1) + "\n")
+    write_record(record, out, inputs)
     return out
 
 
@@ -191,7 +176,7 @@ def _paired(entry: dict[str, Any]) -> str:
 def report(results: dict[int, dict[str, Any]], suite: str, wall_s: float, command: str) -> str:
     seeds = sorted(results)
     names = list(results[seeds[0]])
-    cfg = _experiment(suite).config
+    cfg = experiment(suite).config
     lines = [
         "# Transferred map, attention rollout, and their blend",
         "",

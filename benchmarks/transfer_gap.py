@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _suite import experiment, read_record, require, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "src" / "selfexplain" / "experiments" / "configs"
 SOURCE, TARGET = "mnist", "digits"
 CELLS = (
     ("source", SOURCE, "in-domain"),
@@ -50,18 +50,6 @@ CELLS = (
 )
 
 
-def _experiment(suite: str):
-    from selfexplain.experiments.experiment import Experiment, ExperimentConfig
-
-    return Experiment(ExperimentConfig.from_json_file(CONFIGS / f"{suite}.json"), log=lambda message: None)
-
-
-def _require(path: Path, suite: str) -> Path:
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: run `selfexplain experiment --config {suite}` first.")
-    return path
-
-
 def _inputs(seed: int, suites: list[str]) -> dict[str, str]:
     """SHA-256 of every weight file a seed's cells read: a cached record is reused only for the same models (a
     suite retrained under the same name must not be reported from the record of its former models)."""
@@ -69,11 +57,11 @@ def _inputs(seed: int, suites: list[str]) -> dict[str, str]:
 
     files = {}
     for index, suite in enumerate(suites):
-        work = _experiment(suite).work / f"seed{seed}"
+        work = experiment(suite).work / f"seed{seed}"
         names = [f"{SOURCE}-vector", f"{TARGET}-self_explaining", f"{TARGET}-prediction_only"]
         names += [f"{SOURCE}-prediction_only"] if index == 0 else []
         for name in names:
-            for path in sorted(_require(work / name, suite).glob("*.safetensors")):
+            for path in sorted(require(work / name, suite).glob("*.safetensors")):
                 files[f"{suite}/{name}/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
     return files
 
@@ -82,11 +70,9 @@ def run_seed(seed: int, suites: list[str], cache: Path) -> dict[str, Any]:
     """The 2×2 for one seed: {cell: {"rollout": scores, "<suite>/source": scores, "<suite>/oracle": scores}}."""
     record = cache / f"seed{seed}-{'+'.join(suites)}.json"
     inputs = _inputs(seed, suites)
-    if record.exists():
-        cached = json.loads(record.read_text())
-        if cached.pop("inputs", None) == inputs:
-            return cached
-        print(f"{record}: its models changed since it was written; recomputing", file=sys.stderr)
+    cached = read_record(record, inputs)
+    if cached is not None:
+        return cached
     import torch
 
     from selfexplain import ExplanationVector, apply_explanation_vector
@@ -95,19 +81,19 @@ def run_seed(seed: int, suites: list[str], cache: Path) -> dict[str, Any]:
     from selfexplain.modeling_self_explaining_vit import pool_to_player_grid
 
     torch.set_num_threads(1)
-    main = _experiment(suites[0])  # classifiers, images and references: the first suite's
+    main = experiment(suites[0])  # classifiers, images and references: the first suite's
     cfg, grid = main.config, main.config.grid()
-    work = {suite: _experiment(suite).work / f"seed{seed}" for suite in suites}
+    work = {suite: experiment(suite).work / f"seed{seed}" for suite in suites}
     classifiers = {
-        "source": main.load(_require(work[suites[0]] / f"{SOURCE}-prediction_only", suites[0])),
-        "target": main.load(_require(work[suites[0]] / f"{TARGET}-prediction_only", suites[0])),
+        "source": main.load(require(work[suites[0]] / f"{SOURCE}-prediction_only", suites[0])),
+        "target": main.load(require(work[suites[0]] / f"{TARGET}-prediction_only", suites[0])),
     }
     extensions = {}
     for suite in suites:
         extensions[f"{suite}/source"] = ExplanationVector.from_pretrained(
-            _require(work[suite] / f"{SOURCE}-vector", suite)
+            require(work[suite] / f"{SOURCE}-vector", suite)
         )
-        oracle = main.load(_require(work[suite] / f"{TARGET}-self_explaining", suite))
+        oracle = main.load(require(work[suite] / f"{TARGET}-self_explaining", suite))
         target = main.load(work[suite] / f"{TARGET}-prediction_only")
         extensions[f"{suite}/oracle"] = ExplanationVector.from_models(
             self_explaining=oracle, prediction_only=target
@@ -137,8 +123,7 @@ def run_seed(seed: int, suites: list[str], cache: Path) -> dict[str, Any]:
             patched = apply_explanation_vector(model, vector, alpha=1.0).eval()
             entry[name] = score(main.patch_map(patched, x, classes, grid))
         out[cell] = entry
-    cache.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({**out, "inputs": inputs}, indent=1) + "\n")
+    write_record(record, out, inputs)
     return out
 
 
@@ -168,7 +153,7 @@ def _stat(values: list[float]) -> str:
 def report(results: dict[int, dict[str, Any]], args, wall_s: float) -> str:
     seeds = sorted(results)
     maps = list(next(iter(results.values()))["in-domain"])
-    cfg = _experiment(args.suites[0]).config
+    cfg = experiment(args.suites[0]).config
     command = (
         "python benchmarks/transfer_gap.py"
         + (f" --suites {' '.join(args.suites)}" if args.suites != ["base12ep"] else "")
