@@ -41,3 +41,11 @@ def read_record(record: Path, inputs: dict[str, str]) -> dict[str, Any] | None:
 def write_record(record: Path, result: dict[str, Any], inputs: dict[str, str]) -> None:
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({**result, "inputs": inputs}, indent=1) + "\n")
+
+
+def write_outputs(prefix: str, text: str, payload: dict[str, Any]) -> None:
+    """`<prefix>.md` (the report) and `<prefix>.json` (`payload`), and the report on standard output."""
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    Path(prefix + ".md").write_text(text)
+    Path(prefix + ".json").write_text(json.dumps(payload, indent=2) + "\n")
+    sys.stdout.write(text)

@@ -29,8 +29,6 @@ suite's cache. Each new reference (the two off-diagonal cells) costs `reference_
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -38,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _suite import experiment, read_record, require, write_record
+from _suite import experiment, read_record, require, write_outputs, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE, TARGET = "mnist", "digits"
@@ -261,12 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {seed: future.result() for seed, future in futures.items()}
     wall = time.perf_counter() - started
     text = report(results, args, wall)
-    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.report + ".md").write_text(text)
-    Path(args.report + ".json").write_text(
-        json.dumps({"results": {str(k): v for k, v in results.items()}, "wall_s": wall}, indent=2) + "\n"
-    )
-    sys.stdout.write(text)
+    write_outputs(args.report, text, {"results": {str(k): v for k, v in results.items()}, "wall_s": wall})
     return 0
 
 
